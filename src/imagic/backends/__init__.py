@@ -1,0 +1,61 @@
+"""Model families. `load_backend` picks the family from what the user named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelError
+from .base import Backend, Delta, TextCond
+
+__all__ = ["Backend", "Delta", "TextCond", "load_backend", "resolve_device", "resolve_dtype"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but this machine has no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The precision of frozen parts and autocast. auto: bf16 on CUDA, fp32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_backend(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    config: str | None = None,
+    revision: str | None = None,
+) -> Backend:
+    """Load a model by hub id, local diffusers folder or .safetensors file.
+
+    `config` is the diffusers folder (or hub id) whose configs describe a single-file
+    checkpoint; offline, a single file needs it.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if model is None:
+        raise ModelError(
+            "no model given: pass --model with a hub id, a diffusers folder or a .safetensors file"
+        )
+    if config is not None and not Path(config).is_dir():
+        raise InputError(f"--config must be a diffusers model folder: {config}")
+    from .stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion(model, torch_device, torch_dtype, allow_pickle, config, revision)

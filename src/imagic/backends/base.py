@@ -1,0 +1,139 @@
+"""What the engine knows of a model: the Backend protocol and two small value types.
+
+A backend wraps one model family (Stable Diffusion through diffusers, the embedded pixel-space
+ShapesWorld model, ...). `editor.py` only ever talks to this protocol, so a new family is a new
+file in this folder and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class TextCond:
+    """A text conditioning e (paper: e_tgt, e_opt, ē).
+
+    `hidden_states` is what every family has (SD: the CLIP last hidden state, B×77×768); `pooled`
+    is for families that also take a pooled embedding (SDXL). Interpolation and optimization treat
+    all the tensors alike, so the engine never needs to know which ones a family uses.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by name, leaving out the ones this family doesn't have."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TextCond:
+        return cls(**tensors)
+
+    def map(self, fn) -> TextCond:
+        """A new TextCond with `fn` applied to every tensor."""
+        return TextCond.from_tensors({k: fn(v) for k, v in self.tensors().items()})
+
+    def lerp(self, end: TextCond, weight: float) -> TextCond:
+        """self + weight·(end − self), like `torch.lerp`.
+
+        With self = e_opt and end = e_tgt this is the paper's ē = η·e_tgt + (1−η)·e_opt (eq. 3).
+        """
+        other = end.tensors()
+        return TextCond.from_tensors(
+            {k: torch.lerp(v, other[k].to(v.dtype), weight) for k, v in self.tensors().items()}
+        )
+
+    @staticmethod
+    def cat(conds: Sequence[TextCond]) -> TextCond:
+        """Stack conditionings along the batch dimension."""
+        names = conds[0].tensors().keys()
+        return TextCond.from_tensors({k: torch.cat([c.tensors()[k] for c in conds]) for k in names})
+
+
+@dataclass
+class Delta:
+    """The weights that stage 2 trained, kept apart from the base model.
+
+    kind "full": the trained values of every tensor that training changed (names as in the
+    backend's `state_dict`). kind "lora": a peft LoRA adapter's weights and its rank.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_rank: int = 0
+
+    def num_elements(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+class Backend(Protocol):
+    """One model family, as the three stages of Imagic need it.
+
+    Attributes a backend sets: `resolution` (pixels of the square image it edits),
+    `prediction_type` ("epsilon" or "v_prediction"), `max_text_tokens`, `device`,
+    `auxiliary_stages` (names of the cascade's super-resolution stages that stage 2 also
+    fine-tunes, conditioned on e_tgt; empty for latent models), and `identity` (a dict that says
+    which base model this is, saved in sessions and compared when a session is loaded).
+    """
+
+    resolution: int
+    prediction_type: str
+    max_text_tokens: int
+    device: torch.device
+    auxiliary_stages: tuple[str, ...]
+    identity: dict
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens the encoder would see for `text`, before truncation (start/end tokens included)."""
+
+    def encode_text(self, texts: Sequence[str]) -> TextCond:
+        """e for each text (paper: e_tgt), batched, on the device, no gradient."""
+
+    def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
+        """x0: the image in the model space of `stage` (SD: VAE latent mean × scaling factor)."""
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        cond: TextCond,
+        generator: torch.Generator,
+        batch: int = 1,
+        stage: str = "base",
+    ) -> torch.Tensor:
+        """L(x0, e, θ) = E_t,ε ‖target − f_θ(x_t, t, e)‖² over `batch` draws of (t, ε).
+
+        t is uniform over the training timesteps; target is ε or v by `prediction_type`. Every
+        draw comes from `generator`.
+        """
+
+    def trainable_parameters(
+        self, mode: str, lora_rank: int = 4, stage: str = "base"
+    ) -> list[torch.nn.Parameter]:
+        """Make θ of `stage` trainable (mode "full": all its weights; "lora": a new adapter) and
+        return those parameters. The base weights are kept so `take_delta` can restore them."""
+
+    def take_delta(self) -> Delta:
+        """The trained weights as a Delta; the model is put back exactly as it was loaded."""
+
+    def apply_delta(self, delta: Delta) -> AbstractContextManager[None]:
+        """Within the `with` block the model has θ' (base + delta); after it, θ again."""
+
+    def sample(
+        self,
+        conds: TextCond,
+        uncond: TextCond,
+        generators: Sequence[torch.Generator],
+        steps: int,
+        guidance: float,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Stage 3: one image per row of `conds`, classifier-free guided against `uncond`; the
+        initial noise of image i comes from `generators[i]` alone, so batching never changes it."""
+

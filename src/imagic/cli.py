@@ -1,0 +1,316 @@
+"""The `imagic` command: parse, call the public API, print. No algorithm lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import ImagicError, InputError
+
+EDIT_EXAMPLE = """example:
+  imagic edit dog.png "a photo of a sitting dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --eta 0.6:0.8:0.1 --seeds 0,1 --out dog-sitting
+  (then re-render other η and seeds instantly: imagic generate dog-sitting/session --eta 0.9)"""
+GENERATE_EXAMPLE = """example:
+  imagic generate dog-sitting/session --eta 0.5,0.9 --seeds 3,4 --out dog-more"""
+INFO_EXAMPLE = """example:
+  imagic info stable-diffusion-v1-5/stable-diffusion-v1-5"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (and exit status 2, like argparse)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------ argument types
+
+
+def parse_etas(text: str) -> tuple[float, ...]:
+    """'0.6,0.7,0.8' or 'start:stop:step' (stop included), each η in [−1, 2]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step + 1e-9)) + 1
+            etas = tuple(round(start + i * step, 6) for i in range(count))
+        else:
+            etas = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"η must be numbers like 0.6,0.7 or a range like 0.5:1.0:0.1, got {text!r}"
+        ) from None
+    if not etas:
+        raise argparse.ArgumentTypeError("give at least one η")
+    for eta in etas:
+        if not -1.0 <= eta <= 2.0:
+            raise argparse.ArgumentTypeError(f"η must lie in [-1, 2], got {eta:g}")
+    return etas
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' or 'first:last' (both included); integers only."""
+    try:
+        if ":" in text:
+            first, last = (int(x) for x in text.split(":"))
+            seeds = tuple(range(first, last + 1))
+        else:
+            seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds must be integers like 0,1,2 or a range like 0:3, got {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise argparse.ArgumentTypeError("seeds must be between 0 and 2^63 - 1")
+    return seeds
+
+
+# ------------------------------------------------------------------------ the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .presets import DEFAULT_PRESET, PRESETS
+
+    parser = _Parser(
+        prog="imagic",
+        description="Edit one real image to match a text (Imagic, Kawar et al., CVPR 2023).",
+    )
+    parser.add_argument("--version", action="version", version=f"imagic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_options(p, with_model=True):
+        if with_model:
+            p.add_argument("--model", help="hub id, diffusers folder, or .safetensors file")
+        p.add_argument("--config", help="diffusers folder with the configs of a single-file model "
+                                        "(needed offline)")
+        p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="allow pickled checkpoints (.ckpt/.bin/.pt); they can run code")
+        p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="precision of frozen parts and autocast (auto: bf16 on CUDA, fp32 on CPU)")
+
+    def stage3_options(p):
+        p.add_argument("--eta", type=parse_etas, help="η values: 0.6,0.7 or 0.5:1.0:0.1")
+        p.add_argument("--seeds", type=parse_seeds, help="sampling seeds: 0,1,2 or 0:3")
+        p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+        p.add_argument("--sample-steps", type=int, help="DDIM sampling steps")
+        p.add_argument("--out", default="imagic-out", help="output folder (default: imagic-out)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    edit = sub.add_parser(
+        "edit", help="fit an image to a text (stages 1-2) and render edits (stage 3)",
+        description="Edit IMAGE to match TEXT. Writes one PNG per (η, seed), grid.png and "
+                    "manifest.json to --out, and the reusable session to --session.",
+        epilog=EDIT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    edit.add_argument("image", help="the photo to edit")
+    edit.add_argument("text", help='the target text, e.g. "a photo of a sitting dog"')
+    model_options(edit)
+    edit.add_argument("--preset", default=None,
+                      help=f"recipe: {', '.join(sorted(PRESETS))} (default: {DEFAULT_PRESET})")
+    stage3_options(edit)
+    edit.add_argument("--session", help="where to save the session (default: OUT/session)")
+    edit.add_argument("--no-session", action="store_true", help="do not save the session")
+    edit.add_argument("--pad", action="store_true",
+                      help="letterbox a non-square image instead of centre-cropping it")
+    edit.add_argument("--finetune", choices=["full", "lora"], help="stage 2: all UNet weights or LoRA")
+    edit.add_argument("--lora-rank", type=int, help="LoRA rank (with --finetune lora)")
+    edit.add_argument("--embed-steps", type=int, help="stage 1 steps")
+    edit.add_argument("--embed-lr", type=float, help="stage 1 learning rate")
+    edit.add_argument("--finetune-steps", type=int, help="stage 2 steps")
+    edit.add_argument("--finetune-lr", type=float, help="stage 2 learning rate (full)")
+    edit.add_argument("--lora-lr", type=float, help="stage 2 learning rate (LoRA)")
+    edit.add_argument("--timesteps-per-step", type=int, help="K: (t, ε) draws per optimizer step")
+    edit.add_argument("--seed", type=int, help="seed of the training draws (stages 1-2)")
+    edit.set_defaults(func=cmd_edit)
+
+    gen = sub.add_parser(
+        "generate", help="render new η and seeds from a saved session, without training",
+        description="Render SESSION (made by `imagic edit`) at new η and seeds.",
+        epilog=GENERATE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("session", help="a session folder written by `imagic edit`")
+    model_options(gen)
+    stage3_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser(
+        "info", help="describe a model: resolution, prediction type, parameter counts",
+        epilog=INFO_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument("model", nargs="?", default=None,
+                      help="hub id, diffusers folder or .safetensors file")
+    model_options(info, with_model=False)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+# ------------------------------------------------------------------------ commands
+
+CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
+    "finetune": "finetune", "lora_rank": "lora_rank", "embed_steps": "embed_steps",
+    "embed_lr": "embed_lr", "finetune_steps": "finetune_steps", "finetune_lr": "finetune_lr",
+    "lora_lr": "lora_lr", "timesteps_per_step": "timesteps_per_step", "seed": "seed",
+    "eta": "etas", "seeds": "seeds", "guidance": "guidance", "sample_steps": "sample_steps",
+}
+
+
+def check_out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a folder")
+    return out
+
+
+def _load(args, model):
+    from .backends import load_backend
+
+    return load_backend(model, device=args.device, dtype=args.dtype,
+                        allow_pickle=args.allow_pickle, config=args.config,
+                        revision=args.revision)
+
+
+def cmd_edit(args) -> int:
+    from .editor import Imagic
+    from .images import file_sha256, load_image
+    from .presets import DEFAULT_PRESET, get_preset
+
+    # 1. Check every input before loading anything heavy
+    image = load_image(args.image)
+    if not " ".join(args.text.split()):
+        raise InputError("the target text is empty: say what the edited image should show")
+    out = check_out_dir(args.out)
+    session_dir = None if args.no_session else Path(args.session or out / "session")
+    if session_dir is not None and session_dir.exists() and not session_dir.is_dir():
+        raise InputError(f"--session {session_dir} is a file; choose a folder")
+    config = get_preset(args.preset or DEFAULT_PRESET)
+    overrides = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
+                 if getattr(args, flag) is not None}
+    config = replace(config, **overrides)
+    # 2. Load the model, fit (stages 1-2), generate (stage 3)
+    backend = _load(args, args.model)
+    editor = Imagic(backend, config, quiet=args.quiet)
+    session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
+    results = editor.generate(session)
+    # 3. Write: images, grid and manifest into --out; the session folder
+    if session_dir is not None:
+        session.save(session_dir)
+    write_outputs(out, session, results, config.etas, config.seeds,
+                  {"command": "edit", "image": str(Path(args.image).resolve()),
+                   "session": str(session_dir) if session_dir else None})
+    _say(args, out, results, session_dir)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .session import EditSession
+
+    out = check_out_dir(args.out)
+    session = EditSession.load(args.session)
+    from .editor import Imagic
+
+    backend = _load(args, args.model or session.model.get("source"))
+    session.check_model(backend)
+    editor = Imagic(backend, session.config, quiet=args.quiet)
+    etas = args.eta or session.config.etas
+    seeds = args.seeds or session.config.seeds
+    results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps)
+    write_outputs(out, session, results, etas, seeds,
+                  {"command": "generate", "session": str(Path(args.session).resolve())})
+    _say(args, out, results, None)
+    return 0
+
+
+def cmd_info(args) -> int:
+    backend = _load(args, args.model)
+    info = backend.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                              for k, v in value.items())
+        print(f"{key:16} {value}")
+    return 0
+
+
+def write_outputs(out: Path, session, results, etas, seeds, extra: dict) -> None:
+    """One PNG per (η, seed), grid.png and manifest.json, each written atomically."""
+    from .images import make_grid, save_atomic, write_text_atomic
+    from .session import library_versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for r in results:
+        name = f"eta{r.eta:.2f}_seed{r.seed}.png"
+        save_atomic(r.image, out / name)
+        files.append({"file": name, "eta": r.eta, "seed": r.seed})
+    grid = make_grid(session.input_image, {(r.seed, r.eta): r.image for r in results},
+                     seeds, etas, title=session.text)
+    save_atomic(grid, out / "grid.png")
+    manifest = {
+        **extra,
+        "text": session.text,
+        "input_sha256": session.image_sha256,
+        "model": session.model,
+        "config": {**session.config.to_dict(), "etas": list(etas), "seeds": list(seeds)},
+        "images": files,
+        "grid": "grid.png",
+        "timings": {k: round(v, 3) for k, v in session.timings.items()},
+        "versions": library_versions(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_text_atomic(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
+
+
+def _say(args, out: Path, results, session_dir) -> None:
+    if args.quiet:
+        return
+    print(f"wrote {len(results)} image(s), grid.png and manifest.json to {out}")
+    if session_dir is not None:
+        print(f"session saved to {session_dir}: re-render with `imagic generate {session_dir} --eta ...`")
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"imagic: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        if args.quiet:
+            diffusers_logging.disable_progress_bar()
+        return args.func(args)
+    except ImagicError as err:
+        print(f"imagic: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imagic: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Imagic's three stages, as in section 3 of Kawar et al., "Imagic: Text-Based Real Image Editing
+with Diffusion Models" (CVPR 2023, arXiv 2210.09276).
+
+Names in this file and the paper's symbols:
+
+    x0        the input image x, in the model's space (SD: its VAE latent)
+    e_tgt     e_tgt, the text encoder's embedding of the target text
+    e_opt     e_opt, the embedding that best reconstructs x0 (stage 1)
+    θ         the diffusion model's weights; stage 2 trains them into θ' (kept as a `Delta`)
+    eta       η, the interpolation weight of stage 3: ē = η·e_tgt + (1−η)·e_opt
+    x_t, t    the noised input at timestep t, drawn inside `Backend.loss`
+    f_θ       the model's prediction of ε (or v), also inside `Backend.loss`
+
+    stage 1  e_opt = argmin_e  L(x0, e, θ)           e starts at e_tgt, θ frozen      (eq. 2)
+    stage 2  θ'    = argmin_θ  L(x0, e_opt, θ)       e_opt frozen
+    stage 3  ē = η·e_tgt + (1−η)·e_opt; sample with θ' and classifier-free guidance  (eq. 3)
+
+with L(x, e, θ) = E_t,ε ‖target − f_θ(x_t, t, e)‖² (eq. 1). Nothing here knows a model family:
+everything model-specific is behind the `Backend` protocol (backends/base.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backends.base import Backend, TextCond
+from .errors import InputError
+from .presets import EditConfig, check_config
+from .session import EditSession
+
+# --------------------------------------------------------------------------- the three stages
+
+
+def optimize_embedding(
+    backend: Backend,
+    x0: torch.Tensor,
+    e_tgt: TextCond,
+    config: EditConfig,
+    quiet: bool = False,
+) -> tuple[TextCond, list[float]]:
+    """Stage 1: e_opt = argmin_e L(x0, e, θ), starting from e_tgt, with θ frozen (paper eq. 2)."""
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
+    optimizer = torch.optim.Adam(list(e.tensors().values()), lr=config.embed_lr)
+    losses = _optimize(
+        lambda: backend.loss(x0, e, generator, batch=config.timesteps_per_step),
+        optimizer,
+        config.embed_steps,
+        "stage 1/3 embedding",
+        quiet,
+    )
+    return e.map(lambda t: t.detach()), losses
+
+
+def finetune(
+    backend: Backend,
+    x0: torch.Tensor,
+    cond: TextCond,
+    config: EditConfig,
+    stage: str = "base",
+    quiet: bool = False,
+) -> list[float]:
+    """Stage 2: θ' = argmin_θ L(x0, cond, θ), with the conditioning frozen.
+
+    For the base model, cond = e_opt. For the super-resolution stages of a cascade the paper
+    fine-tunes on the same image conditioned on e_tgt (§3.1), with their own steps and rate.
+    The trained weights stay in the backend until `Backend.take_delta`.
+    """
+    base = stage == "base"
+    steps = config.finetune_steps if base else config.aux_finetune_steps
+    lr = config.lora_lr if config.finetune == "lora" else (
+        config.finetune_lr if base else config.aux_finetune_lr
+    )
+    # Each stage draws from its own stream (stage 1 uses `seed`), so changing one stage's steps
+    # never moves another's draws.
+    offset = 1 if base else 2 + backend.auxiliary_stages.index(stage)
+    generator = torch.Generator("cpu").manual_seed(config.seed + offset)
+    params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank, stage=stage)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    cond = cond.map(lambda t: t.detach())
+    label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"
+    return _optimize(
+        lambda: backend.loss(x0, cond, generator, batch=config.timesteps_per_step, stage=stage),
+        optimizer,
+        steps,
+        label,
+        quiet,
+    )
+
+
+def interpolate(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
+    """Stage 3, first half: ē = η·e_tgt + (1−η)·e_opt (paper eq. 3). η = 0 reconstructs the
+    input, η = 1 follows the target text; η > 1 extrapolates."""
+    return e_opt.lerp(e_tgt, eta)
+
+
+@dataclass
+class EditImage:
+    """One output of stage 3."""
+
+    eta: float
+    seed: int
+    image: Image.Image
+
+
+def generate(
+    backend: Backend,
+    session: EditSession,
+    etas: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    guidance: float | None = None,
+    sample_steps: int | None = None,
+    quiet: bool = False,
+) -> list[EditImage]:
+    """Stage 3: sample with θ' = θ + delta at ē(η) for every (seed, η), in batches.
+
+    Image (seed, η) starts from noise drawn by a generator seeded with `seed` alone, so the same
+    seed gives the same starting noise at every η, and batching never changes a picture.
+    """
+    config = session.config
+    config = replace(
+        config,
+        etas=tuple(config.etas if etas is None else etas),
+        seeds=tuple(config.seeds if seeds is None else seeds),
+        guidance=config.guidance if guidance is None else guidance,
+        sample_steps=config.sample_steps if sample_steps is None else sample_steps,
+    )  # replace() re-runs the checks on η, seeds, guidance and steps
+    session.check_model(backend)
+    jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
+    uncond = backend.encode_text([""])
+    e_tgt = session.e_tgt.map(lambda t: t.to(backend.device))
+    e_opt = session.e_opt.map(lambda t: t.to(backend.device))
+    results: list[EditImage] = []
+    bar = tqdm(total=len(jobs), desc="stage 3/3 generate", unit="img", disable=quiet)
+    with backend.apply_delta(session.delta):
+        for start in range(0, len(jobs), config.sample_batch):
+            chunk = jobs[start : start + config.sample_batch]
+            conds = TextCond.cat([interpolate(e_tgt, e_opt, eta) for _, eta in chunk])
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk]
+            images = backend.sample(
+                conds, uncond, generators, config.sample_steps, config.guidance
+            )
+            results += [EditImage(eta, seed, img) for (seed, eta), img in zip(chunk, images)]
+            bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+# --------------------------------------------------------------------------- the editor
+
+
+class Imagic:
+    """Runs the three stages on one backend.
+
+    >>> editor = Imagic(load_backend("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    >>> session = editor.fit(Image.open("dog.png"), "a photo of a sitting dog")   # stages 1–2
+    >>> images = editor.generate(session, etas=[0.6, 0.7, 0.8], seeds=[0, 1])      # stage 3
+    >>> session.save("dog-sitting.imagic")   # re-render later without training
+    """
+
+    def __init__(self, backend: Backend, config: EditConfig | None = None, quiet: bool = False):
+        self.backend = backend
+        self.config = config or EditConfig()
+        self.quiet = quiet
+
+    def fit(
+        self, image: Image.Image, text: str, image_sha256: str | None = None, pad: bool = False
+    ) -> EditSession:
+        """Stages 1 and 2 on `image` for the target `text`; returns everything stage 3 needs."""
+        from .images import to_square  # local: keeps this module's imports to the algorithm
+
+        # 1. Check inputs
+        backend, config = self.backend, self.config
+        check_config(config)
+        text = check_text(backend, text)
+        # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
+        square = to_square(image.convert("RGB"), backend.resolution, pad=pad)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        x0 = backend.encode_image(square)
+        e_tgt = backend.encode_text([text])
+        timings["encode_s"] = time.perf_counter() - start
+        # 3. Stage 1: optimize the text embedding (θ frozen)
+        start = time.perf_counter()
+        e_opt, losses1 = optimize_embedding(backend, x0, e_tgt, config, self.quiet)
+        timings["stage1_s"] = time.perf_counter() - start
+        # 4. Stage 2: fine-tune the model on e_opt; cascades also fine-tune their
+        #    super-resolution stages on e_tgt. take_delta() restores the base model.
+        start = time.perf_counter()
+        losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
+        for stage in backend.auxiliary_stages:
+            x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad), stage)
+            finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
+        delta = backend.take_delta()
+        timings["stage2_s"] = time.perf_counter() - start
+        return EditSession(
+            text=text,
+            e_tgt=e_tgt.map(lambda t: t.detach().cpu()),
+            e_opt=e_opt.map(lambda t: t.cpu()),
+            delta=delta,
+            config=config,
+            model=dict(backend.identity),
+            image_sha256=image_sha256 or image_hash(square),
+            input_image=square,
+            timings=timings,
+            losses={"stage1": losses1, "stage2": losses2},
+        )
+
+    def generate(
+        self,
+        session: EditSession,
+        etas: Sequence[float] | None = None,
+        seeds: Sequence[int] | None = None,
+        guidance: float | None = None,
+        sample_steps: int | None = None,
+    ) -> list[EditImage]:
+        """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
+        start = time.perf_counter()
+        images = generate(
+            self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet
+        )
+        session.timings["generate_s"] = time.perf_counter() - start
+        return images
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _optimize(loss_fn, optimizer, steps: int, label: str, quiet: bool) -> list[float]:
+    """Plain Adam loop with a progress bar showing a running mean of the loss."""
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=label, disable=quiet, leave=True)
+    running = None
+    for _ in bar:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        losses.append(value)
+        running = value if running is None else 0.95 * running + 0.05 * value
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    return losses
+
+
+def check_text(backend: Backend, text: str) -> str:
+    """Empty text is an error; a text longer than the encoder reads is cut, with a warning."""
+    import warnings
+
+    text = " ".join(text.split())
+    if not text:
+        raise InputError("the target text is empty: say what the edited image should show")
+    tokens = backend.count_text_tokens(text)
+    if tokens > backend.max_text_tokens:
+        warnings.warn(
+            f"the text has {tokens} tokens; the encoder reads {backend.max_text_tokens}, "
+            "so the end is cut",
+            stacklevel=2,
+        )
+    return text
+
+
+def image_for_stage(image: Image.Image, backend, stage: str, pad: bool) -> Image.Image:
+    """The input at the resolution of a cascade's stage (its `stage_resolution`)."""
+    from .images import to_square
+
+    return to_square(image.convert("RGB"), backend.stage_resolution(stage), pad=pad)
+
+
+def image_hash(image: Image.Image) -> str:
+    import hashlib
+
+    return hashlib.sha256(image.tobytes()).hexdigest()
