@@ -1,0 +1,178 @@
+"""The three stages on a tiny Stable Diffusion: losses fall, the base model is never changed,
+sessions round-trip, and every draw is reproducible."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_photo
+
+from imagic import EditConfig, EditSession, Imagic, SessionError, load_backend
+from imagic.editor import finetune, interpolate, optimize_embedding
+from imagic.images import to_square
+
+QUICK = EditConfig(embed_steps=30, embed_lr=5e-2, finetune_steps=30, finetune_lr=2e-3,
+                   lora_lr=5e-2, timesteps_per_step=2, sample_steps=4, seeds=(0, 1),
+                   etas=(0.0, 1.0))
+TEXT = "a photo of a sitting dog"
+
+
+def eval_loss(backend, x0, cond, draws=64, seed=123) -> float:
+    """L(x0, e, θ) on a fixed set of (t, ε) draws, so two values are comparable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return backend.loss(x0, cond, g, batch=draws).item()
+
+
+def state(backend):
+    return {f"{m}.{k}": v.detach().clone() for m in ("unet", "vae", "text_encoder")
+            for k, v in getattr(backend, m).state_dict().items()}
+
+
+def pixels(results):
+    return [np.asarray(r.image) for r in results]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return load_backend(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def x0(backend):
+    return backend.encode_image(to_square(make_photo(), backend.resolution))
+
+
+def test_stage1_lowers_the_loss_and_leaves_the_model_alone(backend, x0):
+    before = state(backend)
+    e_tgt = backend.encode_text([TEXT])
+    e_opt, losses = optimize_embedding(backend, x0, e_tgt, QUICK, quiet=True)
+    assert len(losses) == QUICK.embed_steps
+    assert eval_loss(backend, x0, e_opt) < eval_loss(backend, x0, e_tgt)
+    assert not torch.equal(e_opt.hidden_states, e_tgt.hidden_states)
+    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_stage2_lowers_the_loss_then_restores_the_base_model(backend, x0, mode):
+    before = state(backend)
+    e = backend.encode_text([TEXT])
+    config = replace(QUICK, finetune=mode)
+    start = eval_loss(backend, x0, e)
+    finetune(backend, x0, e, config, quiet=True)
+    assert eval_loss(backend, x0, e) < start  # while θ' is in place
+    delta = backend.take_delta()
+    assert delta.kind == mode and delta.tensors
+    if mode == "lora":
+        assert all("lora" in name for name in delta.tensors)
+    after = state(backend)
+    assert after.keys() == before.keys()  # no adapter layers left behind
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert eval_loss(backend, x0, e) == pytest.approx(start, abs=0)
+    with backend.apply_delta(delta):
+        assert eval_loss(backend, x0, e) < start
+    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+
+
+def test_interpolation_is_the_papers_formula(backend):
+    e_tgt = backend.encode_text([TEXT])
+    e_opt = e_tgt.map(lambda t: t + 1.0)
+    for eta in (0.0, 0.3, 1.0, 1.5):
+        expected = eta * e_tgt.hidden_states + (1 - eta) * e_opt.hidden_states
+        torch.testing.assert_close(interpolate(e_tgt, e_opt, eta).hidden_states, expected)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fit_generate_and_session_round_trip(backend, tmp_path, mode):
+    before = state(backend)
+    editor = Imagic(backend, replace(QUICK, finetune=mode), quiet=True)
+    session = editor.fit(make_photo(), TEXT)
+    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+    results = editor.generate(session)
+    assert [(r.seed, r.eta) for r in results] == [(0, 0.0), (0, 1.0), (1, 0.0), (1, 1.0)]
+    assert all(r.image.size == (64, 64) for r in results)
+    images = pixels(results)
+    assert not np.array_equal(images[0], images[1])  # η matters
+    assert not np.array_equal(images[0], images[2])  # the seed matters
+    # the fine-tuned weights matter: the base model at the same ē gives other pixels
+    base_only = replace(session, delta=replace(session.delta, tensors={}))
+    if mode == "full":
+        assert not np.array_equal(pixels(editor.generate(base_only))[0], images[0])
+    # save → load → generate reproduces the images exactly
+    session.save(tmp_path / "session")
+    loaded = EditSession.load(tmp_path / "session")
+    assert loaded.delta.kind == mode
+    assert loaded.config == session.config
+    for a, b in zip(pixels(editor.generate(loaded)), images):
+        np.testing.assert_array_equal(a, b)
+    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+
+
+def test_two_edits_in_one_process_match_fresh_processes(tiny_model_dir):
+    """The second edit of a process gives the same pixels as that edit in a new process."""
+    config = replace(QUICK, embed_steps=10, finetune_steps=10)
+    shared = Imagic(load_backend(str(tiny_model_dir)), config, quiet=True)
+    shared.generate(shared.fit(make_photo(seed=1), "a photo of a red cat"))
+    second = pixels(shared.generate(shared.fit(make_photo(seed=2), TEXT)))
+    fresh = Imagic(load_backend(str(tiny_model_dir)), config, quiet=True)
+    for a, b in zip(pixels(fresh.generate(fresh.fit(make_photo(seed=2), TEXT))), second):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_v_model_dir"])
+def test_loss_target_follows_the_prediction_type(request, fixture):
+    """ε-prediction models regress ε; v-prediction models regress v = √ᾱ·ε − √(1−ᾱ)·x0."""
+    backend = load_backend(str(request.getfixturevalue(fixture)))
+    x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
+    e = backend.encode_text([TEXT])
+    loss = backend.loss(x0, e, torch.Generator().manual_seed(5), batch=3)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    noise = torch.randn((3, *x0.shape[1:]), generator=g)
+    x0b = x0.expand(3, -1, -1, -1)
+    alpha_bar = backend.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * x0b + (1 - alpha_bar).sqrt() * noise
+    if backend.prediction_type == "epsilon":
+        target = noise
+    else:
+        assert fixture == "tiny_v_model_dir"
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0b
+    with torch.no_grad():
+        pred = backend.unet(x_t, t, encoder_hidden_states=e.hidden_states.expand(3, -1, -1)).sample
+    torch.testing.assert_close(loss, torch.mean((pred - target) ** 2), rtol=1e-4, atol=1e-6)
+
+
+def test_v_prediction_edit_runs_end_to_end(tiny_v_model_dir):
+    backend = load_backend(str(tiny_v_model_dir))
+    assert backend.prediction_type == "v_prediction"
+    editor = Imagic(backend, replace(QUICK, embed_steps=5, finetune_steps=5, seeds=(0,)),
+                    quiet=True)
+    results = editor.generate(editor.fit(make_photo(), TEXT))
+    assert len(results) == 2
+
+
+def test_same_seed_same_images_other_seed_other_images(backend):
+    config = replace(QUICK, embed_steps=5, finetune_steps=5, seeds=(0,), etas=(0.7,))
+    runs = [Imagic(backend, replace(config, seed=s), quiet=True) for s in (0, 0, 1)]
+    sessions = [r.fit(make_photo(), TEXT) for r in runs]
+    torch.testing.assert_close(sessions[0].e_opt.hidden_states, sessions[1].e_opt.hidden_states,
+                               rtol=0, atol=0)
+    assert not torch.equal(sessions[0].e_opt.hidden_states, sessions[2].e_opt.hidden_states)
+
+
+def test_session_for_another_model_is_refused(backend, tiny_v_model_dir, tmp_path):
+    editor = Imagic(backend, replace(QUICK, embed_steps=2, finetune_steps=2), quiet=True)
+    editor.fit(make_photo(), TEXT).save(tmp_path / "s")
+    other = Imagic(load_backend(str(tiny_v_model_dir)), quiet=True)
+    with pytest.raises(SessionError, match="different one"):
+        other.generate(EditSession.load(tmp_path / "s"))
+
+
+def test_damaged_session_gives_one_line(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(SessionError, match="damaged"):
+        EditSession.load(tmp_path / "s")
+    with pytest.raises(SessionError, match="not an imagic session"):
+        EditSession.load(tmp_path)
