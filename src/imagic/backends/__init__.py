@@ -43,17 +43,25 @@ def load_backend(
     config: str | None = None,
     revision: str | None = None,
 ) -> Backend:
-    """Load a model by hub id, local diffusers folder or .safetensors file.
+    """Load a model: None for the embedded ShapesWorld model; else an imagic model folder, a
+    Stable Diffusion hub id, diffusers folder or .safetensors file.
 
-    `config` is the diffusers folder (or hub id) whose configs describe a single-file
-    checkpoint; offline, a single file needs it.
+    `config` is the diffusers folder whose configs describe a single-file checkpoint; offline, a
+    single file needs it.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if model is None:
-        raise ModelError(
-            "no model given: pass --model with a hub id, a diffusers folder or a .safetensors file"
-        )
+    from .cascade import EMBEDDED, is_pixel_model, load_pixel_model
+
+    if model is None:  # the embedded ShapesWorld model that ships in the package
+        if not is_pixel_model(EMBEDDED):
+            raise ModelError(
+                "the embedded default model is missing from this install; "
+                "reinstall imagic or pass --model"
+            )
+        return load_pixel_model(EMBEDDED, torch_device, torch_dtype, source="imagic:shapes-32")
+    if Path(model).is_dir() and is_pixel_model(Path(model)):
+        return load_pixel_model(model, torch_device, torch_dtype)
     if config is not None and not Path(config).is_dir():
         raise InputError(f"--config must be a diffusers model folder: {config}")
     from .stable_diffusion import load_stable_diffusion

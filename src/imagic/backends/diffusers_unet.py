@@ -1,0 +1,235 @@
+"""What every diffusers-UNet family shares: the loss, stage 2's weights, and the sampler.
+
+A family subclasses `UNetBackend` and says how an image enters and leaves the UNet's space
+(`encode_image`, `decode`): through a VAE for Stable Diffusion, as pixels for the ShapesWorld
+model and other Imagen-style cascades.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import ModelError
+from .base import Delta, TextCond
+
+# The attention projections that diffusers' LoRA training scripts adapt.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "imagic"
+
+
+class UNetBackend:
+    """The Backend protocol (base.py) for a `UNet2DConditionModel` with a CLIP text encoder.
+
+    θ (the UNet) stays in float32 so stage 2 trains fp32 weights; on CUDA the frozen text encoder
+    (and a family's other frozen parts) are cast to `dtype` (bf16 by default) and the UNet runs
+    under autocast.
+    """
+
+    family = "unet"
+    auxiliary_stages: tuple[str, ...] = ()
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity: dict,
+                 device: torch.device, dtype: torch.dtype):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.identity = dict(identity, family=self.family)
+        self.device, self.dtype = device, dtype
+        self.frozen_dtype = dtype if device.type == "cuda" else torch.float32
+        self.unet.to(device, torch.float32)
+        self.text_encoder.to(device, self.frozen_dtype)
+        for module in (self.unet, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        # The training loss draws x_t with the model's own noise schedule (DDPM form); sampling
+        # uses DDIM on the same betas (the paper's 50 DDIM steps).
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.sampler_config = DDIMScheduler.from_config(scheduler_config).config
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"prediction type {self.prediction_type!r} is not supported")
+        self.max_text_tokens = tokenizer.model_max_length
+        self._backup: dict[str, torch.Tensor] | None = None  # θ before stage 2 (full mode)
+        self._lora_rank = 0
+
+    # -- what a family provides -------------------------------------------------------------
+
+    resolution: int
+
+    def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> list[Image.Image]:
+        """The UNet's space → images."""
+        raise NotImplementedError
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    @staticmethod
+    def _lora_config(rank: int):
+        from peft import LoraConfig
+
+        return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                          target_modules=list(LORA_TARGETS))
+
+    # -- text -------------------------------------------------------------------------------
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, truncation=False).input_ids)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> TextCond:
+        ids = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.max_text_tokens,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return TextCond(self.text_encoder(ids)[0].float())
+
+    # -- the loss of stages 1 and 2 -----------------------------------------------------------
+
+    def loss(self, x0, cond, generator, batch=1, stage="base"):
+        # Draws on the CPU generator, then moved: the same seed gives the same t and ε on any device.
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (batch,), generator=generator).to(self.device)
+        noise = torch.randn((batch, *x0.shape[1:]), generator=generator).to(self.device)
+        x0 = x0.expand(batch, -1, -1, -1)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        hidden = cond.hidden_states.expand(batch, -1, -1)
+        with self._autocast():
+            prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
+        return F.mse_loss(prediction.float(), target)
+
+    # -- stage 2: which weights train, and getting them back out -------------------------------
+
+    def trainable_parameters(self, mode, lora_rank=4, stage="base"):
+        if stage != "base":
+            raise ValueError(f"{self.family} has no stage {stage!r}")
+        if mode == "lora":
+            self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
+            self._lora_rank = lora_rank
+            return [p for p in self.unet.parameters() if p.requires_grad]
+        self._backup = {n: p.detach().to("cpu", copy=True) for n, p in self.unet.named_parameters()}
+        self.unet.requires_grad_(True)
+        return list(self.unet.parameters())
+
+    def take_delta(self) -> Delta:
+        from peft.utils import get_peft_model_state_dict
+
+        if self._backup is None:  # LoRA: the adapter's weights, then remove the adapter
+            tensors = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
+            delta = Delta("lora", {k: v.detach().cpu().clone() for k, v in tensors.items()},
+                          lora_rank=self._lora_rank)
+            self.unet.unload_lora()
+        else:  # full: the tensors that changed, then restore θ exactly
+            delta = Delta("full")
+            with torch.no_grad():
+                for name, p in self.unet.named_parameters():
+                    now = p.detach().cpu()
+                    if not torch.equal(now, self._backup[name]):
+                        delta.tensors[name] = now.clone()
+                        p.copy_(self._backup[name])
+            self._backup = None
+        self.unet.requires_grad_(False)
+        return delta
+
+    @contextmanager
+    def apply_delta(self, delta: Delta) -> Iterator[None]:
+        from peft import set_peft_model_state_dict
+
+        if delta.kind == "lora":
+            self.unet.add_adapter(self._lora_config(delta.lora_rank), adapter_name=ADAPTER)
+            set_peft_model_state_dict(self.unet, delta.tensors, adapter_name=ADAPTER)
+            self.unet.requires_grad_(False)
+            try:
+                yield
+            finally:
+                self.unet.unload_lora()
+            return
+        params = dict(self.unet.named_parameters())
+        unknown = sorted(set(delta.tensors) - set(params))
+        if unknown:
+            raise ModelError(f"the session's weights do not fit this UNet (e.g. {unknown[0]})")
+        saved = {name: params[name].detach().to("cpu", copy=True) for name in delta.tensors}
+        with torch.no_grad():
+            for name, value in delta.tensors.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
+    # -- stage 3: sampling ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, conds, uncond, generators, steps, guidance, progress=False):
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.sampler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        n = len(generators)
+        size = self.unet.config.sample_size
+        shape = (1, self.unet.config.in_channels, size, size)
+        x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        x = x * scheduler.init_noise_sigma
+        hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), conds.hidden_states])
+        for t in tqdm(scheduler.timesteps, desc="denoise", leave=False, disable=not progress):
+            model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+            with self._autocast():
+                prediction = self.unet(model_input, t, encoder_hidden_states=hidden).sample
+            uncond_pred, cond_pred = prediction.float().chunk(2)
+            guided = uncond_pred + guidance * (cond_pred - uncond_pred)
+            x = scheduler.step(guided, t, x).prev_sample
+        return self.decode(x)
+
+    # -- information ----------------------------------------------------------------------
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"unet": _count(self.unet), "text_encoder": _count(self.text_encoder)}
+
+    def info(self) -> dict:
+        return {
+            "family": self.family,
+            "source": self.identity.get("source"),
+            "revision": self.identity.get("revision"),
+            "resolution": self.resolution,
+            "prediction_type": self.prediction_type,
+            "unet_input": f"{self.unet.config.in_channels}×{self.unet.config.sample_size}²",
+            "text_tokens": self.max_text_tokens,
+            "text_embedding": self.text_encoder.config.hidden_size,
+            "parameters": self.parameter_counts(),
+        }
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """A short content hash of a model's weights: names, shapes and 64 evenly spaced values of
+    every tensor. Cheap (no full pass over gigabytes) yet different for any two real models, and
+    the same wherever the files live."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().flatten()
+            step = max(1, flat.numel() // 64)
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(flat[::step][:64].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
