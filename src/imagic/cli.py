@@ -293,15 +293,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    warnings.showwarning = _show_warning
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad argument (status 2, one line)
+        return int(done.code or 0)
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
-        if args.quiet:
+        if getattr(args, "quiet", True):
             diffusers_logging.disable_progress_bar()
         return args.func(args)
     except ImagicError as err:
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imagic: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

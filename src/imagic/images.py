@@ -51,13 +51,12 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
         raise InputError(f"{path} is not an image Pillow can read") from None
     except OSError as err:
         raise InputError(f"could not read {path}: {err}") from None
-    image = to_rgb(image, name=str(path))
     w, h = image.size
     if min(w, h) < min_side:
         raise InputError(f"{path} is {w}×{h}: each side must be at least {min_side} px")
     if max(w, h) > MAX_SIDE:
         raise InputError(f"{path} is {w}×{h}: each side must be at most {MAX_SIDE} px; resize it")
-    return image
+    return to_rgb(image, name=str(path))
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:

@@ -1,0 +1,154 @@
+"""The command line end to end on a tiny pipeline saved to disk, and every bad input: one line,
+exit status 2, and nothing written."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagic.cli import main
+
+FAST = ["--embed-steps", "3", "--finetune-steps", "3", "--sample-steps", "3", "--quiet"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
+    capsys, tmp_path, tiny_model_dir, photo_path
+):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "edit", photo_path, "a photo of a sitting dog", "--model",
+                       tiny_model_dir, "--eta", "0.5:0.7:0.1", "--seeds", "0,1", "--out", out,
+                       *FAST)
+    assert code == 0, err
+    names = {f"eta{e:.2f}_seed{s}.png" for e in (0.5, 0.6, 0.7) for s in (0, 1)}
+    assert names <= {p.name for p in out.iterdir()}
+    assert {"grid.png", "manifest.json", "session"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["text"] == "a photo of a sitting dog"
+    assert manifest["config"]["etas"] == [0.5, 0.6, 0.7] and manifest["config"]["seeds"] == [0, 1]
+    assert len(manifest["images"]) == 6 and len(manifest["input_sha256"]) == 64
+    assert manifest["model"]["family"] == "stable-diffusion"
+    session = json.loads((out / "session" / "manifest.json").read_text())
+    assert {"stage1_s", "stage2_s"} <= session["timings"].keys()
+    assert session["versions"]["torch"] and session["model"]["fingerprint"]
+    assert session["config"]["embed_steps"] == 3
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > grid.height  # 4 columns (input + 3 η) by 2 rows of seeds
+
+    # the same request from the saved session gives the same pixels, bit for bit
+    again = tmp_path / "again"
+    code, _, err = run(capsys, "generate", out / "session", "--eta", "0.5,0.6,0.7", "--seeds",
+                       "0,1", "--out", again, "--quiet")
+    assert code == 0, err
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)),
+                                      np.asarray(Image.open(again / name)))
+    # one image alone is sampled in a smaller batch: CPU kernels may round differently, by at
+    # most a level or two of 255, never more
+    alone = tmp_path / "alone"
+    assert main(["generate", str(out / "session"), "--eta", "0.6", "--seeds", "1", "--out",
+                 str(alone), "--quiet"]) == 0
+    a = np.asarray(Image.open(out / "eta0.60_seed1.png")).astype(int)
+    b = np.asarray(Image.open(alone / "eta0.60_seed1.png")).astype(int)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_edit_with_lora_and_pad(capsys, tmp_path, tiny_model_dir, photo_path):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
+                       "--finetune", "lora", "--lora-rank", "2", "--pad", "--eta", "1",
+                       "--out", out, "--session", tmp_path / "s", *FAST)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["delta"]["kind"] == "lora"
+    assert (out / "eta1.00_seed0.png").exists()
+
+
+def test_info_reports_resolution_prediction_and_parameters(capsys, tiny_model_dir,
+                                                          tiny_v_model_dir):
+    code, out, _ = run(capsys, "info", tiny_model_dir, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["resolution"] == 64 and info["prediction_type"] == "epsilon"
+    assert info["parameters"]["unet"] > 0 and info["parameters"]["vae"] > 0
+    code, out, _ = run(capsys, "info", tiny_v_model_dir)
+    assert code == 0 and "v_prediction" in out and "resolution" in out
+
+
+def test_long_text_warns_that_it_is_cut(capsys, tmp_path, tiny_model_dir, photo_path):
+    code, _, err = run(capsys, "edit", photo_path, "a photo of the dog " * 8, "--model",
+                       tiny_model_dir, "--eta", "1", "--out", tmp_path / "o", "--no-session",
+                       *FAST)
+    assert code == 0
+    assert "warning" in err and "cut" in err
+
+
+def one_line_error(capsys, *args, message):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, photo_path, tiny_model_dir):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (40, 40)).save(tiny)
+    anim = tmp_path / "anim.gif"
+    Image.new("RGB", (80, 80)).save(anim, save_all=True,
+                                    append_images=[Image.new("RGB", (80, 80), (9, 9, 9))])
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (80, 80)).save(cmyk)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"\x80\x04")
+    return dict(photo=photo_path, text=text, tiny=tiny, anim=anim, cmyk=cmyk, file=a_file,
+                model=tiny_model_dir, pickled=pickled, missing=tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["edit", "{missing}", "a dog", "--model", "{model}"], "not found"),
+        (["edit", "{text}", "a dog", "--model", "{model}"], "not an image"),
+        (["edit", "{anim}", "a dog", "--model", "{model}"], "animated"),
+        (["edit", "{cmyk}", "a dog", "--model", "{model}"], "CMYK"),
+        (["edit", "{tiny}", "a dog", "--model", "{model}"], "at least 64"),
+        (["edit", "{photo}", "   ", "--model", "{model}"], "empty"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--eta", "2.5"], "[-1, 2]"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--eta", "x"], "η must be"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--seeds", "1.5"], "integers"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--out", "{file}"], "is a file"),
+        (["edit", "{photo}", "a dog", "--model", "{pickled}"], "--allow-pickle"),
+        (["edit", "{photo}", "a dog", "--model", "./no/such/model"], "not found"),
+        (["edit", "{photo}", "a dog", "--model", "someone/not-cached-model"], "hub"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--preset", "nope"], "unknown preset"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--embed-steps", "-1"], "embed_steps"),
+        (["generate", "{file}", "--eta", "0.5"], "not an imagic session"),
+        (["info", "{pickled}"], "pickled"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, bad_inputs, args,
+                                                         message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(**bad_inputs) for a in args]
+    one_line_error(capsys, *args, message=message)
+    assert not (tmp_path / "imagic-out").exists()
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "imagic.cli", "edit", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "example:" in result.stdout and "--finetune" in result.stdout
