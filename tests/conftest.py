@@ -13,16 +13,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-WORDS = ("a photo of the dog cat sitting standing red blue green painting "
-         "with hat on grass in snow").split()
+WORDS = [
+    "a", "photo", "of", "the", "dog", "cat", "sitting", "standing", "red", "blue", "green",
+    "painting", "with", "hat", "on", "grass", "in", "snow",
+]
 TOKENS = 16  # the tiny encoder reads 16 tokens, so "too long" texts are cheap to write
 
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """SD-shaped components small enough that a whole edit runs on a CPU in seconds:
     a 64 px image, a 4×32×32 latent, a 2-block UNet with cross-attention of width 8."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from imagic.tokenizer import word_level_clip_tokenizer
@@ -77,7 +83,9 @@ def make_photo(size=(80, 64), seed: int = 0) -> Image.Image:
     ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     cx, cy = (0.3 + 0.4 * torch.rand(2, generator=g)).tolist()
     disc = (((xs - cx) ** 2 + (ys - cy) ** 2) < 0.04).float()
-    rgb = torch.stack([0.2 + 0.5 * xs + 0.3 * disc, 0.3 + 0.4 * ys, 0.6 - 0.3 * xs * ys + 0.2 * disc])
+    rgb = torch.stack(
+        [0.2 + 0.5 * xs + 0.3 * disc, 0.3 + 0.4 * ys, 0.6 - 0.3 * xs * ys + 0.2 * disc]
+    )
     array = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(array)
 

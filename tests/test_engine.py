@@ -6,8 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import make_photo
 
+from conftest import make_photo
 from imagic import EditConfig, EditSession, Imagic, SessionError, load_backend
 from imagic.editor import finetune, interpolate, optimize_embedding
 from imagic.images import to_square

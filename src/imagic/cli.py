@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import ImagicError, InputError
 
 EDIT_EXAMPLE = """example:
-  imagic edit dog.png "a photo of a sitting dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+  imagic edit dog.png "a photo of a sitting dog" \\
+      --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --eta 0.6:0.8:0.1 --seeds 0,1 --out dog-sitting
   (then re-render other η and seeds instantly: imagic generate dog-sitting/session --eta 0.9)"""
 GENERATE_EXAMPLE = """example:
@@ -97,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pickle", action="store_true",
                        help="allow pickled checkpoints (.ckpt/.bin/.pt); they can run code")
         p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="precision of frozen parts and autocast (auto: bf16 on CUDA, fp32 on CPU)")
+        p.add_argument("--dtype", default="auto",
+                       choices=["auto", "float32", "bfloat16", "float16"],
+                       help="precision of frozen parts and autocast "
+                            "(auto: bf16 on CUDA, fp32 on CPU)")
 
     def stage3_options(p):
         p.add_argument("--eta", type=parse_etas, help="η values: 0.6,0.7 or 0.5:1.0:0.1")
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--no-session", action="store_true", help="do not save the session")
     edit.add_argument("--pad", action="store_true",
                       help="letterbox a non-square image instead of centre-cropping it")
-    edit.add_argument("--finetune", choices=["full", "lora"], help="stage 2: all UNet weights or LoRA")
+    edit.add_argument("--finetune", choices=["full", "lora"],
+                      help="stage 2: all UNet weights or a LoRA adapter")
     edit.add_argument("--lora-rank", type=int, help="LoRA rank (with --finetune lora)")
     edit.add_argument("--embed-steps", type=int, help="stage 1 steps")
     edit.add_argument("--embed-lr", type=float, help="stage 1 learning rate")
@@ -281,7 +285,8 @@ def _say(args, out: Path, results, session_dir) -> None:
         return
     print(f"wrote {len(results)} image(s), grid.png and manifest.json to {out}")
     if session_dir is not None:
-        print(f"session saved to {session_dir}: re-render with `imagic generate {session_dir} --eta ...`")
+        print(f"session saved to {session_dir}; re-render with "
+              f"`imagic generate {session_dir} --eta ...`")
 
 
 # ------------------------------------------------------------------------ entry point

@@ -44,7 +44,8 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 raise InputError(
-                    f"{path} is animated ({frames} frames): export the frame to edit as a still image"
+                    f"{path} is animated ({frames} frames): "
+                    "export the frame to edit as a still image"
                 )
             image = img.copy()
     except UnidentifiedImageError:
@@ -89,7 +90,8 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         return image.convert("RGB")
     if mode in ("P", "YCbCr"):
         return image.convert("RGB")  # a lossless change of representation
-    raise InputError(f"{name} has pixel mode {mode}, which imagic does not convert; export it as RGB")
+    raise InputError(f"{name} has pixel mode {mode}, which imagic does not convert; "
+                     "export it as RGB")
 
 
 def to_square(image: Image.Image, size: int, pad: bool = False) -> Image.Image:

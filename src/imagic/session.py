@@ -107,7 +107,9 @@ class EditSession:
         if path.exists() and not path.is_dir():
             raise SessionError(f"{path} is a file; choose a folder for the session")
         if path.is_dir() and any(path.iterdir()) and not (path / "manifest.json").exists():
-            raise SessionError(f"{path} is a non-empty folder that is not a session; choose another")
+            raise SessionError(
+                f"{path} is a non-empty folder that is not a session; choose another"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

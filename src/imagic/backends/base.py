@@ -30,7 +30,8 @@ class TextCond:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors by name, leaving out the ones this family doesn't have."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TextCond:
@@ -91,7 +92,7 @@ class Backend(Protocol):
     identity: dict
 
     def count_text_tokens(self, text: str) -> int:
-        """Tokens the encoder would see for `text`, before truncation (start/end tokens included)."""
+        """Tokens the encoder would see for `text` before truncation, start and end included."""
 
     def encode_text(self, texts: Sequence[str]) -> TextCond:
         """e for each text (paper: e_tgt), batched, on the device, no gradient."""

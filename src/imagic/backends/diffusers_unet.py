@@ -99,7 +99,7 @@ class UNetBackend:
     # -- the loss of stages 1 and 2 -----------------------------------------------------------
 
     def loss(self, x0, cond, generator, batch=1, stage="base"):
-        # Draws on the CPU generator, then moved: the same seed gives the same t and ε on any device.
+        # Drawn on the CPU generator, then moved: one seed gives the same t and ε on any device.
         steps = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (batch,), generator=generator).to(self.device)
         noise = torch.randn((batch, *x0.shape[1:]), generator=generator).to(self.device)

@@ -19,7 +19,7 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 class StableDiffusionBackend(UNetBackend):
-    """Latent diffusion: the UNet works on VAE latents; the VAE is frozen (half precision on CUDA)."""
+    """Latent diffusion: the UNet works on VAE latents; the VAE is frozen (half on CUDA)."""
 
     family = "stable-diffusion"
 
@@ -76,8 +76,13 @@ def load_stable_diffusion(
                 str(path), config=config, local_files_only=config is not None, **common
             )
         except Exception as err:  # diffusers raises many kinds here; the user needs one line
-            hint = "" if config else "; offline it needs --config DIR (a diffusers folder of the same model)"
-            raise ModelError(f"could not load {path.name} as a Stable Diffusion checkpoint{hint} ({_short(err)})") from None
+            hint = "" if config else (
+                "; offline it needs --config DIR (a diffusers folder of the same model)"
+            )
+            raise ModelError(
+                f"could not load {path.name} as a Stable Diffusion checkpoint{hint} "
+                f"({_short(err)})"
+            ) from None
         identity["file_size"] = path.stat().st_size
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -101,7 +106,8 @@ def load_stable_diffusion(
             )
         except Exception as err:
             raise ModelError(
-                f"could not load {model!r} from the hub or its cache: {_loader_hint(err, allow_pickle)}"
+                f"could not load {model!r} from the hub or its cache: "
+                f"{_loader_hint(err, allow_pickle)}"
             ) from None
         if Path(folder).parent.name == "snapshots":
             identity["revision"] = Path(folder).name  # the commit hash of the snapshot
