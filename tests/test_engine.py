@@ -30,6 +30,11 @@ def state(backend):
             for k, v in getattr(backend, m).state_dict().items()}
 
 
+def unchanged(before, backend) -> bool:
+    now = state(backend)
+    return now.keys() == before.keys() and all(torch.equal(v, now[k]) for k, v in before.items())
+
+
 def pixels(results):
     return [np.asarray(r.image) for r in results]
 
@@ -51,7 +56,7 @@ def test_stage1_lowers_the_loss_and_leaves_the_model_alone(backend, x0):
     assert len(losses) == QUICK.embed_steps
     assert eval_loss(backend, x0, e_opt) < eval_loss(backend, x0, e_tgt)
     assert not torch.equal(e_opt.hidden_states, e_tgt.hidden_states)
-    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+    assert unchanged(before, backend)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -66,13 +71,11 @@ def test_stage2_lowers_the_loss_then_restores_the_base_model(backend, x0, mode):
     assert delta.kind == mode and delta.tensors
     if mode == "lora":
         assert all("lora" in name for name in delta.tensors)
-    after = state(backend)
-    assert after.keys() == before.keys()  # no adapter layers left behind
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert unchanged(before, backend)  # same values, and no adapter layers left behind
     assert eval_loss(backend, x0, e) == pytest.approx(start, abs=0)
     with backend.apply_delta(delta):
         assert eval_loss(backend, x0, e) < start
-    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+    assert unchanged(before, backend)
 
 
 def test_interpolation_is_the_papers_formula(backend):
@@ -88,7 +91,7 @@ def test_fit_generate_and_session_round_trip(backend, tmp_path, mode):
     before = state(backend)
     editor = Imagic(backend, replace(QUICK, finetune=mode), quiet=True)
     session = editor.fit(make_photo(), TEXT)
-    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+    assert unchanged(before, backend)
     results = editor.generate(session)
     assert [(r.seed, r.eta) for r in results] == [(0, 0.0), (0, 1.0), (1, 0.0), (1, 1.0)]
     assert all(r.image.size == (64, 64) for r in results)
@@ -106,7 +109,7 @@ def test_fit_generate_and_session_round_trip(backend, tmp_path, mode):
     assert loaded.config == session.config
     for a, b in zip(pixels(editor.generate(loaded)), images):
         np.testing.assert_array_equal(a, b)
-    assert all(torch.equal(v, state(backend)[k]) for k, v in before.items())
+    assert unchanged(before, backend)
 
 
 def test_two_edits_in_one_process_match_fresh_processes(tiny_model_dir):

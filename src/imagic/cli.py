@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("text", help='the target text, e.g. "a photo of a sitting dog"')
     model_options(edit)
     edit.add_argument("--preset", default=None,
-                      help=f"recipe: {', '.join(sorted(PRESETS))} (default: {DEFAULT_PRESET})")
+                      help=f"recipe: {', '.join(sorted(PRESETS))} (default: the model's own, "
+                           f"{DEFAULT_PRESET} for Stable Diffusion, shapes for the embedded one)")
     stage3_options(edit)
     edit.add_argument("--session", help="where to save the session (default: OUT/session)")
     edit.add_argument("--no-session", action="store_true", help="do not save the session")
@@ -199,12 +200,14 @@ def cmd_edit(args) -> int:
     session_dir = None if args.no_session else Path(args.session or out / "session")
     if session_dir is not None and session_dir.exists() and not session_dir.is_dir():
         raise InputError(f"--session {session_dir} is a file; choose a folder")
-    config = get_preset(args.preset or DEFAULT_PRESET)
     overrides = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
                  if getattr(args, flag) is not None}
-    config = replace(config, **overrides)
-    # 2. Load the model, fit (stages 1-2), generate (stage 3)
+    if args.preset is not None:
+        get_preset(args.preset)  # an unknown name fails before the model loads
+    replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers
+    # 2. Load the model (its own preset unless --preset), fit (stages 1-2), generate (stage 3)
     backend = _load(args, args.model)
+    config = replace(get_preset(args.preset or backend.default_preset), **overrides)
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
     results = editor.generate(session)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import Backend, TextCond
 from .errors import InputError
-from .presets import EditConfig, check_config
+from .presets import EditConfig, check_config, get_preset
 from .session import EditSession
 
 # --------------------------------------------------------------------------- the three stages
@@ -166,7 +166,7 @@ class Imagic:
 
     def __init__(self, backend: Backend, config: EditConfig | None = None, quiet: bool = False):
         self.backend = backend
-        self.config = config or EditConfig()
+        self.config = config or get_preset(backend.default_preset)
         self.quiet = quiet
 
     def fit(

@@ -77,11 +77,15 @@ class Delta:
 class Backend(Protocol):
     """One model family, as the three stages of Imagic need it.
 
-    Attributes a backend sets: `resolution` (pixels of the square image it edits),
-    `prediction_type` ("epsilon" or "v_prediction"), `max_text_tokens`, `device`,
-    `auxiliary_stages` (names of the cascade's super-resolution stages that stage 2 also
-    fine-tunes, conditioned on e_tgt; empty for latent models), and `identity` (a dict that says
-    which base model this is, saved in sessions and compared when a session is loaded).
+    Attributes a backend sets:
+    - `resolution`: pixels of the square image it edits;
+    - `prediction_type`: "epsilon" or "v_prediction";
+    - `max_text_tokens`, `device`;
+    - `default_preset`: the presets.py recipe for this family;
+    - `auxiliary_stages`: names of a cascade's super-resolution stages, which stage 2 also
+      fine-tunes, conditioned on e_tgt (empty for latent models);
+    - `identity`: a dict that says which base model this is, saved in sessions and compared
+      when a session is loaded.
     """
 
     resolution: int
@@ -89,6 +93,7 @@ class Backend(Protocol):
     max_text_tokens: int
     device: torch.device
     auxiliary_stages: tuple[str, ...]
+    default_preset: str
     identity: dict
 
     def count_text_tokens(self, text: str) -> int:

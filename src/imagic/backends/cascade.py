@@ -29,6 +29,7 @@ class PixelCascadeBackend(UNetBackend):
     """A pixel-space text-to-image UNet with a CLIP text encoder (one stage for now)."""
 
     family = "pixel-cascade"
+    default_preset = "shapes"  # presets.py: tuned for the embedded ShapesWorld model
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype):
         super().__init__(unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype)

@@ -33,6 +33,7 @@ class UNetBackend:
     """
 
     family = "unet"
+    default_preset = "paper"  # presets.py
     auxiliary_stages: tuple[str, ...] = ()
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity: dict,

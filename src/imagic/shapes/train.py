@@ -1,0 +1,601 @@
+"""Train the ShapesWorld text-to-image model from scratch: ``imagic train-shapes``.
+
+The UNet and the text encoder learn together (loss: MSE on ε) from images rendered on the fly,
+so there is no data set to download or store.  Every random draw of step s (scenes, captions,
+caption dropout, t, ε) comes from a generator seeded with (seed, s), so a run is reproducible
+with any number of data workers and ``--resume`` continues exactly where the checkpoint left
+off.  The exported folder uses EMA weights and is what ``load_pixel_model`` reads.
+
+Outputs in OUT: train_log.jsonl, samples/step_XXXXXX.png, checkpoint/ (resumable) and model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .evaluate import DEFAULT_GUIDANCE
+from .model import ModelConfig, build_model, parameter_count
+from .world import IMAGE_SIZE, POSITIONS, SHAPES, caption, random_caption_and_scene, render_batch
+
+MODEL_NAME = "shapes-32"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "shapes-run"  # output folder
+    steps: int = 20_000  # total optimizer steps (a resumed run counts the ones already done)
+    batch_size: int | None = None  # None: 256 on CUDA, 32 on the CPU
+    lr: float = 3e-4  # AdamW, constant after the warmup (robust to stopping early, with EMA)
+    warmup_steps: int = 200  # linear warmup from 0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_decay: float = 0.999  # EMA of the weights that get exported (UNet and text encoder)
+    caption_dropout: float = 0.1  # train on "" this often, so classifier-free guidance works
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    seed: int = 0  # weights init and every data/noise draw
+    workers: int | None = None  # data processes; None: 0 on the CPU, min(12, cores - 2) on CUDA
+    log_every: int = 50  # steps between train_log.jsonl lines
+    checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
+    sample_every: int = 2000  # steps between sample grids (and one at the end); 0: only the end
+    sample_steps: int = 50  # DDIM steps for the grids
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance for the grids
+    max_minutes: float | None = None  # wall-clock budget of this invocation; then stop cleanly
+    resume: bool = False  # continue from OUT/checkpoint
+    quiet: bool = False  # no progress bar
+    model: ModelConfig = field(default_factory=ModelConfig)
+    command: str = ""  # recorded in the export's metadata
+
+
+# --------------------------------------------------------------------------- data
+
+
+def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
+                   timesteps: int) -> dict:
+    """Everything random about optimizer step `step`: images, captions, t and ε.
+
+    A pure function of (seed, step), which makes runs reproducible whatever the worker count.
+    """
+    rng = np.random.default_rng([seed, step])
+    scenes, captions = [], []
+    for _ in range(batch_size):
+        scene, text = random_caption_and_scene(rng)
+        scenes.append(scene)
+        captions.append("" if rng.random() < dropout else text)
+    g = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    return {
+        "images": torch.from_numpy(render_batch(scenes)),  # uint8 N×32×32×3
+        "captions": captions,
+        "timesteps": torch.randint(0, timesteps, (batch_size,), generator=g),
+        "noise": torch.randn((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g),
+    }
+
+
+class ShapesStream(torch.utils.data.IterableDataset):
+    """Batches for steps start, start+1, ..., end-1; worker w of W renders steps ≡ w (mod W).
+
+    The DataLoader reads workers round-robin, so batches arrive in step order.
+    """
+
+    def __init__(self, seed: int, start: int, end: int, batch_size: int, dropout: float,
+                 timesteps: int):
+        super().__init__()
+        self.seed, self.start, self.end = seed, start, end
+        self.batch_size, self.dropout, self.timesteps = batch_size, dropout, timesteps
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + worker, self.end, workers):
+            yield batch_for_step(self.seed, step, self.batch_size, self.dropout, self.timesteps)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling of `final`; `_commit_dir` swaps it into place."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp`; a crash midway leaves `final.old`, which `_existing` finds."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing(final: Path) -> Path | None:
+    for path in (final, final.with_name(final.name + ".old")):
+        if (path / "state.json").is_file():
+            return path
+    return None
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer state as (tensors for safetensors, JSON-able rest): no pickle."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return _cpu_tensors(tensors), {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _fixed_prompts(count: int = 16) -> list[str]:
+    """Grid captions that cover every shape and many colours, sizes and positions."""
+    rng = np.random.default_rng(1234)
+    prompts = []
+    for i in range(count):
+        scene, _ = random_caption_and_scene(rng)
+        scene = scene.replace(shape=SHAPES[i % 3], position=POSITIONS[(i * 4) % 9])
+        prompts.append(caption(scene, template=0))
+    return prompts
+
+
+class Trainer:
+    """Holds the models, the optimizer and the EMA; `run` trains, checkpoints and exports."""
+
+    def __init__(self, config: TrainConfig):
+        from ..backends import resolve_device
+
+        self.config = config
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        cuda = self.device.type == "cuda"
+        self.batch_size = config.batch_size or (256 if cuda else 32)
+        if config.workers is None:
+            self.workers = min(12, max((os.cpu_count() or 1) - 2, 0)) if cuda else 0
+        else:
+            self.workers = config.workers
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(config.seed)
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_model(config.model)
+        for module in (self.unet, self.text_encoder):
+            module.to(self.device).train()
+        self.params = {f"{prefix}.{k}": v
+                       for prefix, module in (("unet", self.unet),
+                                              ("text_encoder", self.text_encoder))
+                       for k, v in module.named_parameters()}
+        self.ema = {k: v.detach().clone() for k, v in self.params.items()}
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
+            **({"fused": True} if cuda else {}),
+        )
+        self.alphas = self.scheduler.alphas_cumprod.to(self.device)
+        self.step = 0
+        self.samples_seen = 0
+        self.elapsed = 0.0  # training seconds over all invocations
+
+    # -- one step ------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        dev = self.device
+        x0 = batch["images"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
+        noise = batch["noise"].to(dev, non_blocking=True)
+        t = batch["timesteps"].to(dev, non_blocking=True)
+        ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
+                             max_length=self.config.model.max_tokens, return_tensors="pt")
+        ids = ids.input_ids.to(dev, non_blocking=True)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            hidden = self.text_encoder(ids)[0]
+            prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.samples_seen += len(batch["captions"])
+        self.update_ema()
+        return loss.detach()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # Warm-up of the decay (as in diffusers' EMAModel) so early exports are not the init.
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(list(self.ema.values()), list(self.params.values()), 1 - decay)
+
+    # -- EMA copies, samples and export --------------------------------------------------
+
+    def ema_models(self):
+        """Deep copies of the UNet and the text encoder carrying the EMA weights."""
+        unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+        with torch.no_grad():
+            for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
+                for name, p in module.named_parameters():
+                    p.copy_(self.ema[prefix + name])
+        return unet.eval(), text_encoder.eval()
+
+    def ema_backend(self):
+        from ..backends.cascade import PixelCascadeBackend
+
+        unet, text_encoder = self.ema_models()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        identity = {"source": str(self.out), "name": MODEL_NAME, "revision": f"step{self.step}"}
+        return PixelCascadeBackend(unet, text_encoder, self.tokenizer, self.scheduler.config,
+                                   identity, self.device, dtype)
+
+    def write_samples(self) -> Path:
+        backend = self.ema_backend()
+        prompts = _fixed_prompts()
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = backend.sample(backend.encode_text(prompts), backend.encode_text([""]),
+                                generators, self.config.sample_steps, self.config.guidance)
+        grid = sample_grid(images, prompts, f"step {self.step}, guidance {self.config.guidance:g}")
+        path = self.out / "samples" / f"step_{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..images import save_atomic
+
+        save_atomic(grid, path)
+        return path
+
+    def export(self) -> Path:
+        """OUT/model: the layout `load_pixel_model` reads, with the EMA weights."""
+        final = self.out / "model"
+        tmp = _atomic_dir(final)
+        unet, text_encoder = self.ema_models()
+        unet.to("cpu").save_pretrained(tmp / "unet", safe_serialization=True)
+        text_encoder.to("cpu").save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        self.scheduler.save_pretrained(tmp / "scheduler")
+        weights = tmp / "unet" / "diffusion_pytorch_model.safetensors"
+        from ..session import library_versions
+
+        meta = {
+            "name": MODEL_NAME,
+            "revision": _file_sha256(weights)[:12],
+            "description": "ShapesWorld 32×32 pixel-space text-to-image model (imagic)",
+            "parameters": {"unet": parameter_count(unet),
+                           "text_encoder": parameter_count(text_encoder)},
+            "training": {
+                "steps": self.step,
+                "samples_seen": self.samples_seen,
+                "wall_clock_s": round(self.elapsed, 1),
+                "device": _device_name(self.device),
+                "batch_size": self.batch_size,
+                "lr": self.config.lr,
+                "ema_decay": self.config.ema_decay,
+                "caption_dropout": self.config.caption_dropout,
+                "seed": self.config.seed,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": self.config.command,
+                "versions": library_versions(),
+            },
+            "model_config": self.config.model.to_dict(),
+        }
+        _write_json(meta, tmp / "imagic_model.json")
+        _commit_dir(tmp, final)
+        return final
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.out / "checkpoint"
+        tmp = _atomic_dir(final)
+        save_file(_cpu_tensors(self.unet.state_dict()), tmp / "unet.safetensors")
+        save_file(_cpu_tensors(self.text_encoder.state_dict()), tmp / "text_encoder.safetensors")
+        save_file(_cpu_tensors(self.ema), tmp / "ema.safetensors")
+        tensors, optim_meta = _optimizer_to_files(self.optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "elapsed_s": self.elapsed,
+            "batch_size": self.batch_size,
+            "seed": self.config.seed,
+            "caption_dropout": self.config.caption_dropout,
+            "model_config": self.config.model.to_dict(),
+            "optimizer": optim_meta,
+        }
+        _write_json(state, tmp / "state.json")  # last: its presence marks a complete checkpoint
+        _commit_dir(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        if state["model_config"] != self.config.model.to_dict():
+            raise ValueError(f"{path} was written for another model configuration")
+        if state["batch_size"] != self.batch_size or state["seed"] != self.config.seed:
+            print(f"note: resuming with batch size {self.batch_size} and seed {self.config.seed} "
+                  f"(checkpoint: {state['batch_size']}, {state['seed']})", file=sys.stderr)
+        dev = self.device
+        self.unet.load_state_dict(load_file(path / "unet.safetensors", device=str(dev)))
+        self.text_encoder.load_state_dict(
+            load_file(path / "text_encoder.safetensors", device=str(dev)))
+        ema = load_file(path / "ema.safetensors", device=str(dev))
+        if ema.keys() != self.ema.keys():
+            raise ValueError(f"{path}: EMA weights do not match the model")
+        self.ema = {k: ema[k] for k in self.params}  # the files sort names; keep the model's order
+        self.optimizer.load_state_dict(_optimizer_from_files(
+            load_file(path / "optimizer.safetensors"), state["optimizer"]))
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.elapsed = state["elapsed_s"]
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            found = _existing(self.out / "checkpoint")
+            if found is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
+            self.load_checkpoint(found)
+        if not cfg.quiet:
+            print(f"device {_device_name(self.device)}, batch {self.batch_size}, "
+                  f"workers {self.workers}, unet {parameter_count(self.unet):,} + text encoder "
+                  f"{parameter_count(self.text_encoder):,} parameters, "
+                  f"step {self.step}/{cfg.steps}")
+        stream = ShapesStream(cfg.seed, self.step, cfg.steps, self.batch_size,
+                              cfg.caption_dropout, self.scheduler.config.num_train_timesteps)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
+            persistent_workers=False,
+        )
+        budget = math.inf if cfg.max_minutes is None else cfg.max_minutes * 60
+        start = last_time = time.perf_counter()
+        elapsed_before = self.elapsed
+        last_step, losses = self.step, []
+        log = (self.out / "train_log.jsonl").open("a")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=cfg.quiet, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file: a line per 30 s
+        try:
+            for batch in loader:
+                losses.append(self.train_step(batch))
+                self.elapsed = elapsed_before + time.perf_counter() - start
+                bar.update(1)
+                done = self.step >= cfg.steps or time.perf_counter() - start >= budget
+                if self.step % cfg.log_every == 0 or done:
+                    now = time.perf_counter()
+                    loss = torch.stack(losses).mean().item()  # one device sync per log line
+                    speed = (self.step - last_step) * self.batch_size / max(now - last_time, 1e-9)
+                    log.write(json.dumps({
+                        "step": self.step, "loss": round(loss, 5),
+                        "lr": self.lr_at(self.step - 1), "samples_per_s": round(speed, 1),
+                        "elapsed_s": round(self.elapsed, 1),
+                    }) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    last_step, last_time, losses = self.step, now, []
+                if done:
+                    break
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_samples()
+        finally:
+            bar.close()
+            log.close()
+        self.save_checkpoint()
+        grid = self.write_samples()
+        model = self.export()
+        if not cfg.quiet:
+            print(f"step {self.step}: samples {grid}, checkpoint {self.out / 'checkpoint'}, "
+                  f"model {model} ({_folder_mb(model):.1f} MB)")
+        return model
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def sample_grid(images, prompts: list[str], title: str, columns: int = 4):
+    """Images upscaled with nearest-neighbour, each with its caption and the detector's verdict
+    (green: every attribute right, red: not)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .detect import compare, detect
+    from .world import parse_caption
+
+    scale, pad, label = 4, 6, 30
+    cell = IMAGE_SIZE * scale
+    width = 150
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (width + pad) + pad, 24 + rows * (cell + label + pad)),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=10)
+    draw.text((pad, 4), title, fill="black", font=ImageFont.load_default(size=14))
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x = pad + (i % columns) * (width + pad)
+        y = 24 + (i // columns) * (cell + label + pad)
+        grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        ok = all(compare(detect(np.asarray(image)), parse_caption(prompt)).values())
+        attrs = parse_caption(prompt)
+        text = f"{attrs['size']} {attrs['colour']} {attrs['shape']}\n{attrs['position']}"
+        draw.text((x, y + cell + 2), text, fill=(0, 130, 0) if ok else (200, 0, 0), font=font)
+    return grid
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or resume) and export; returns the exported model folder."""
+    return Trainer(config).run()
+
+
+# --------------------------------------------------------------------------- command line
+
+TRAIN_EXAMPLE = """examples:
+  imagic train-shapes --out shapes-run --device cuda --max-minutes 8
+  imagic train-shapes --out shapes-run --resume --steps 30000   (continue a stopped run)
+  then: imagic eval-shapes --model shapes-run/model"""
+EVAL_EXAMPLE = """example:
+  imagic eval-shapes --model shapes-run/model --samples 500 --json eval.json
+  (without --model: the embedded model)"""
+
+
+def add_cli(subparsers) -> None:
+    """Register `train-shapes` and `eval-shapes` on an argparse subparsers object."""
+    raw = argparse.RawDescriptionHelpFormatter
+    train_p = subparsers.add_parser(
+        "train-shapes", help="train the ShapesWorld text-to-image model from scratch",
+        description="Train the 32×32 ShapesWorld model on images rendered on the fly. Writes "
+                    "train_log.jsonl, samples/, a resumable checkpoint/ and the exported "
+                    "model/ to --out.",
+        epilog=TRAIN_EXAMPLE, formatter_class=raw,
+    )
+    defaults = TrainConfig()
+    train_p.add_argument("--out", required=True, help="output folder")
+    train_p.add_argument("--steps", type=int, default=defaults.steps,
+                         help=f"total optimizer steps (default {defaults.steps})")
+    train_p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 32 on the CPU")
+    train_p.add_argument("--lr", type=float, default=defaults.lr,
+                         help=f"AdamW learning rate (default {defaults.lr:g})")
+    train_p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    train_p.add_argument("--workers", type=int,
+                         help="data processes (default: 0 on the CPU, min(12, cores-2) on CUDA)")
+    train_p.add_argument("--max-minutes", type=float,
+                         help="wall-clock budget: then checkpoint, sample and export")
+    train_p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
+                         help="steps between sample grids (0: only at the end)")
+    train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train_p.add_argument("--seed", type=int, default=defaults.seed)
+    train_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_p.set_defaults(func=cmd_train_shapes)
+
+    eval_p = subparsers.add_parser(
+        "eval-shapes", help="score a ShapesWorld model's text-to-image accuracy",
+        description="Generate one image per random caption and read it back with the "
+                    "detectors: per-attribute accuracy and the fraction with all four right.",
+        epilog=EVAL_EXAMPLE, formatter_class=raw,
+    )
+    eval_p.add_argument("--model", help="model folder (default: the embedded model)")
+    eval_p.add_argument("--samples", type=int, default=500)
+    eval_p.add_argument("--seed", type=int, default=0)
+    eval_p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})")
+    eval_p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    eval_p.add_argument("--batch", type=int, default=100, help="images per sampling call")
+    eval_p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    eval_p.add_argument("--json", help="also write the result (with per-sample rows) here")
+    eval_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    eval_p.set_defaults(func=cmd_eval_shapes)
+
+
+def cmd_train_shapes(args) -> int:
+    from ..errors import InputError
+
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    config = TrainConfig(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        device=args.device, workers=args.workers, max_minutes=args.max_minutes,
+        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+        resume=args.resume, seed=args.seed, quiet=args.quiet,
+        command=" ".join(["imagic", *sys.argv[1:]]),
+    )
+    train(config)
+    return 0
+
+
+def cmd_eval_shapes(args) -> int:
+    from ..backends import load_backend
+    from .evaluate import markdown_table, text_to_image_accuracy
+
+    backend = load_backend(args.model, device=args.device)
+    result = text_to_image_accuracy(backend, samples=args.samples, seed=args.seed,
+                                    guidance=args.guidance, steps=args.steps, batch=args.batch,
+                                    rows=bool(args.json), progress=not args.quiet)
+    print(markdown_table(result))
+    if args.json:
+        _write_json(result, Path(args.json))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m imagic.shapes.train train-shapes ...`: works without the `imagic` command."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    parser = argparse.ArgumentParser(prog="python -m imagic.shapes.train")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # as the imagic command does
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
