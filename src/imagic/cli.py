@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(info, with_model=False)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    from .shapes.train import add_cli as add_shapes_commands
+
+    add_shapes_commands(sub)  # train-shapes, eval-shapes
     return parser
 
 

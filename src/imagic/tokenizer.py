@@ -13,28 +13,38 @@ from collections.abc import Iterable
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as the tokenizer runs it: merge the lowest-ranked adjacent pair."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def word_level_clip_tokenizer(words: Iterable[str], max_length: int = 77):
-    """A `transformers.CLIPTokenizer` with one token per word of `words` (ids: BOS 0, EOS/pad 1)."""
+    """A `transformers.CLIPTokenizer` with one token per word of `words` (ids: BOS 0, EOS/pad 1).
+
+    Each word is first encoded with the merges made so far, and only the merges that finish it
+    are appended. Appended merges rank last, so they never split a word finished before (a plain
+    left-to-right chain per word would: "right" adds r+i before "triangle" adds t+r, and
+    "triangle" would then come out in seven pieces).
+    """
     from transformers import CLIPTokenizer
 
     words = sorted({w.lower() for w in words})
     vocab: dict[str, int] = {BOS: 0, EOS: 1}
-    merges: list[tuple[str, str]] = []
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
     for char in sorted({c for w in words for c in w}):
-        add(char)
-        add(char + "</w>")
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        # "red" = r + e + d</w>: merge left to right, r·e → re, re·d</w> → red</w>
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            add(merged)
-            pieces = [merged] + pieces[2:]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length,
+            ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_length,
                          bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)

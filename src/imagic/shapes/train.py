@@ -276,6 +276,7 @@ class Trainer:
             for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
                 for name, p in module.named_parameters():
                     p.copy_(self.ema[prefix + name])
+                    p.grad = None
         return unet.eval(), text_encoder.eval()
 
     def ema_backend(self):
@@ -336,6 +337,8 @@ class Trainer:
             "model_config": self.config.model.to_dict(),
         }
         _write_json(meta, tmp / "imagic_model.json")
+        for path in tmp.rglob("*"):  # safetensors writes 0600: the folder ships in the package
+            path.chmod(0o755 if path.is_dir() else 0o644)
         _commit_dir(tmp, final)
         return final
 
@@ -368,9 +371,11 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
+        from ..errors import InputError
+
         state = json.loads((path / "state.json").read_text())
         if state["model_config"] != self.config.model.to_dict():
-            raise ValueError(f"{path} was written for another model configuration")
+            raise InputError(f"{path} was written for another model configuration")
         if state["batch_size"] != self.batch_size or state["seed"] != self.config.seed:
             print(f"note: resuming with batch size {self.batch_size} and seed {self.config.seed} "
                   f"(checkpoint: {state['batch_size']}, {state['seed']})", file=sys.stderr)
@@ -392,12 +397,17 @@ class Trainer:
     def run(self) -> Path:
         from tqdm.auto import tqdm
 
+        from ..errors import InputError
+
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        found = _existing(self.out / "checkpoint")
+        if cfg.resume and found is None:
+            raise InputError(f"--resume: no checkpoint in {self.out}")
+        if not cfg.resume and found is not None:
+            raise InputError(f"{self.out} already holds a run: pass --resume to continue it, "
+                             "or choose another --out")
         if cfg.resume:
-            found = _existing(self.out / "checkpoint")
-            if found is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
             self.load_checkpoint(found)
         if not cfg.quiet:
             print(f"device {_device_name(self.device)}, batch {self.batch_size}, "
@@ -526,11 +536,13 @@ def add_cli(subparsers) -> None:
                          help="data processes (default: 0 on the CPU, min(12, cores-2) on CUDA)")
     train_p.add_argument("--max-minutes", type=float,
                          help="wall-clock budget: then checkpoint, sample and export")
-    train_p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    train_p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                         help=f"steps between checkpoints (default {defaults.checkpoint_every})")
     train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
                          help="steps between sample grids (0: only at the end)")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train_p.add_argument("--seed", type=int, default=defaults.seed)
+    train_p.add_argument("--seed", type=int, default=defaults.seed,
+                         help="seeds the initial weights and every data and noise draw")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
     train_p.set_defaults(func=cmd_train_shapes)
 
@@ -541,8 +553,8 @@ def add_cli(subparsers) -> None:
         epilog=EVAL_EXAMPLE, formatter_class=raw,
     )
     eval_p.add_argument("--model", help="model folder (default: the embedded model)")
-    eval_p.add_argument("--samples", type=int, default=500)
-    eval_p.add_argument("--seed", type=int, default=0)
+    eval_p.add_argument("--samples", type=int, default=500, help="captions (default 500)")
+    eval_p.add_argument("--seed", type=int, default=0, help="seeds the captions and the noise")
     eval_p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})")
     eval_p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Train the embedded ShapesWorld model on one GPU, evaluate it and pack it: the one command run
+# on a rented machine. Run from the repository root with $OUT set to a folder whose files come
+# back (at most 8 files, 16 MB each), e.g.
+#   OUT=/tmp/out bash scripts/train_shapes_gpu.sh
+# Knobs (environment): MINUTES (training budget, default 7), STEPS (cap, default 100000),
+# BATCH (default 256), DEVICE (default cuda; DEVICE=cpu for a smoke test), SAMPLES (default 500),
+# EVAL_STEPS (default 50), GUIDANCE_SWEEP (extra guidance scales to score, default "2 7"),
+# PYTHON (default python3), RUN (work folder, default /tmp/run).
+# Returns in $OUT (7 files): log.txt, train_log.jsonl, the last sample grid, shapes-32.tar (the
+# exported model folder as shapes-32/, ready to untar into src/imagic/assets/), eval.json (the
+# bar, default guidance) and eval_guidance{2,7}.json.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+: "${OUT:?set OUT to the folder whose files come back}"
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+RUN=${RUN:-/tmp/run}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+echo "== setup $(date -u +%FT%TZ)"
+if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and importlib_metadata come as wheels
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD/src
+else
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L; fi
+"$PYTHON" - <<'PY'
+import os, platform, torch, diffusers, transformers
+print("python", platform.python_version(), "torch", torch.__version__, "diffusers",
+      diffusers.__version__, "transformers", transformers.__version__, "cpus", os.cpu_count())
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+PY
+
+echo "== train $(date -u +%FT%TZ)"
+rm -rf "$RUN"
+"$PYTHON" -m imagic.shapes.train train-shapes --out "$RUN" --device "$DEVICE" \
+    --max-minutes "${MINUTES:-7}" --steps "${STEPS:-100000}" \
+    ${BATCH:+--batch-size "$BATCH"} --checkpoint-every 2000 --sample-every 2000
+cp "$RUN/train_log.jsonl" "$OUT/"
+cp "$(ls "$RUN"/samples/step_*.png | sort | tail -n 1)" "$OUT/"
+tar -cf "$OUT/shapes-32.tar" -C "$RUN" --transform 's,^model,shapes-32,' model
+ls -l "$OUT/shapes-32.tar"
+
+echo "== evaluate $(date -u +%FT%TZ)"
+evaluate() {  # $1: file name, then extra eval-shapes options
+    local name=$1; shift
+    "$PYTHON" -m imagic.shapes.train eval-shapes --model "$RUN/model" --device "$DEVICE" \
+        --samples "${SAMPLES:-500}" --steps "${EVAL_STEPS:-50}" --json "$OUT/$name" --quiet "$@"
+}
+evaluate eval.json  # the default guidance: the bar
+for g in ${GUIDANCE_SWEEP-2 7}; do  # a few seconds each on a GPU: helps pick the default
+    echo "-- guidance $g"
+    evaluate "eval_guidance$g.json" --guidance "$g"
+done
+chmod a+r "$OUT"/*
+echo "== done $(date -u +%FT%TZ)"
