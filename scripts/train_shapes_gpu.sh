@@ -6,7 +6,8 @@
 # Knobs (environment): MINUTES (training budget, default 7), STEPS (cap, default 100000),
 # BATCH (default 256), DEVICE (default cuda; DEVICE=cpu for a smoke test), SAMPLES (default 500),
 # EVAL_STEPS (default 50), GUIDANCE_SWEEP (extra guidance scales to score, default "2 7"),
-# PYTHON (default python3), RUN (work folder, default /tmp/run).
+# PYTHON (default python3), RUN (work folder, default /tmp/run), INIT_FROM (an exported model
+# folder to start from).
 # Returns in $OUT (7 files): log.txt, train_log.jsonl, the last sample grid, shapes-32.tar (the
 # exported model folder as shapes-32/, ready to untar into src/imagic/assets/), eval.json (the
 # bar, default guidance) and eval_guidance{2,7}.json.
@@ -39,7 +40,8 @@ echo "== train $(date -u +%FT%TZ)"
 rm -rf "$RUN"
 "$PYTHON" -m imagic.shapes.train train-shapes --out "$RUN" --device "$DEVICE" \
     --max-minutes "${MINUTES:-7}" --steps "${STEPS:-100000}" \
-    ${BATCH:+--batch-size "$BATCH"} --checkpoint-every 2000 --sample-every 2000
+    ${BATCH:+--batch-size "$BATCH"} ${INIT_FROM:+--init-from "$INIT_FROM"} \
+    --checkpoint-every 2000 --sample-every 2000
 cp "$RUN/train_log.jsonl" "$OUT/"
 cp "$(ls "$RUN"/samples/step_*.png | sort | tail -n 1)" "$OUT/"
 tar -cf "$OUT/shapes-32.tar" -C "$RUN" --transform 's,^model,shapes-32,' model

@@ -31,9 +31,14 @@ class PixelCascadeBackend(UNetBackend):
     family = "pixel-cascade"
     default_preset = "shapes"  # presets.py: tuned for the embedded ShapesWorld model
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype,
+                 coord_channels: int = 0):
         super().__init__(unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype)
         self.resolution = self.unet.config.sample_size
+        self.coord_channels = coord_channels
+
+    def unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        return add_coordinates(x) if self.coord_channels else x
 
     def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
         """x0 = the pixels in [−1, 1]."""
@@ -41,6 +46,19 @@ class PixelCascadeBackend(UNetBackend):
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         return to_pil(x)
+
+
+def add_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """x with two more channels, the column and row of each pixel in [−1, 1] (CoordConv).
+
+    Convolutions are blind to where they are; captions name places ("at the top left"). With the
+    coordinates as input, cross-attention can tie a position word to a place directly, which a
+    small UNet otherwise learns slowly, if at all, from the zero padding at the borders.
+    """
+    n, _, h, w = x.shape
+    rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
+    cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+    return torch.cat([x, cols.expand(n, 1, h, w), rows.expand(n, 1, h, w)], dim=1)
 
 
 def is_pixel_model(path: Path) -> bool:
@@ -69,4 +87,4 @@ def load_pixel_model(path: str | Path, device: torch.device, dtype: torch.dtype,
         "fingerprint": weights_fingerprint(unet, text_encoder),
     }
     return PixelCascadeBackend(unet, text_encoder, tokenizer, scheduler_config, identity,
-                               device, dtype)
+                               device, dtype, coord_channels=meta.get("coord_channels", 0))

@@ -71,6 +71,10 @@ class UNetBackend:
         """The UNet's space → images."""
         raise NotImplementedError
 
+    def unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the UNet reads besides x_t (none here; the ShapesWorld model adds coordinates)."""
+        return x
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _autocast(self):
@@ -112,7 +116,7 @@ class UNetBackend:
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         hidden = cond.hidden_states.expand(batch, -1, -1)
         with self._autocast():
-            prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
+            prediction = self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
         return F.mse_loss(prediction.float(), target)
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
@@ -186,12 +190,12 @@ class UNetBackend:
         scheduler.set_timesteps(steps, device=self.device)
         n = len(generators)
         size = self.unet.config.sample_size
-        shape = (1, self.unet.config.in_channels, size, size)
+        shape = (1, self.unet.config.out_channels, size, size)
         x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         x = x * scheduler.init_noise_sigma
         hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), conds.hidden_states])
         for t in tqdm(scheduler.timesteps, desc="denoise", leave=False, disable=not progress):
-            model_input = scheduler.scale_model_input(torch.cat([x, x]), t)
+            model_input = self.unet_input(scheduler.scale_model_input(torch.cat([x, x]), t))
             with self._autocast():
                 prediction = self.unet(model_input, t, encoder_hidden_states=hidden).sample
             uncond_pred, cond_pred = prediction.float().chunk(2)

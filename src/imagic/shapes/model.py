@@ -31,6 +31,7 @@ class ModelConfig:
     # and 16x16 too) sees the caption; costs ~20k parameters and no measurable time.
     text_time_embedding: bool = True
     # --- text encoder (transformers CLIPTextModel) ---
+    coord_channels: int = 2  # pixel coordinates as extra input (backends.cascade.add_coordinates)
     text_hidden_size: int = 64  # also the UNet's cross_attention_dim
     text_layers: int = 2
     text_heads: int = 4
@@ -79,7 +80,7 @@ def build_model(config: ModelConfig | None = None):
     ))  # fmt: skip
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE,
-        in_channels=3,
+        in_channels=3 + config.coord_channels,
         out_channels=3,
         block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block,

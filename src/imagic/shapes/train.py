@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .evaluate import DEFAULT_GUIDANCE
 from .model import ModelConfig, build_model, parameter_count
+from ..backends.cascade import add_coordinates
 from .world import IMAGE_SIZE, POSITIONS, SHAPES, caption, random_caption_and_scene, render_batch
 
 MODEL_NAME = "shapes-32"
@@ -58,6 +59,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget of this invocation; then stop cleanly
     resume: bool = False  # continue from OUT/checkpoint
     quiet: bool = False  # no progress bar
+    init_from: str | None = None  # start from an exported model's weights (see Trainer.warm_start)
     model: ModelConfig = field(default_factory=ModelConfig)
     command: str = ""  # recorded in the export's metadata
 
@@ -217,6 +219,8 @@ class Trainer:
         self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_model(config.model)
         for module in (self.unet, self.text_encoder):
             module.to(self.device).train()
+        if config.init_from and not config.resume:
+            self.warm_start(Path(config.init_from))
         self.params = {f"{prefix}.{k}": v
                        for prefix, module in (("unet", self.unet),
                                               ("text_encoder", self.text_encoder))
@@ -230,6 +234,24 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.elapsed = 0.0  # training seconds over all invocations
+
+    @torch.no_grad()
+    def warm_start(self, folder: Path) -> None:
+        """Copy an exported model's weights in. A UNet input layer that grew (coordinate channels
+        added) keeps its old filters and starts the new channels at zero, so the warm-started
+        model first computes exactly what the old one did (as SD inpainting models are made)."""
+        from safetensors.torch import load_file
+
+        unet_weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+        text_weights = load_file(folder / "text_encoder" / "model.safetensors")
+        own = self.unet.state_dict()
+        for name, value in unet_weights.items():
+            if own[name].shape != value.shape:  # conv_in: more input channels now
+                grown = torch.zeros_like(own[name])
+                grown[:, : value.shape[1]] = value
+                unet_weights[name] = grown
+        self.unet.load_state_dict(unet_weights)
+        self.text_encoder.load_state_dict(text_weights, strict=False)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -248,6 +270,8 @@ class Trainer:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        if self.config.model.coord_channels:
+            x_t = add_coordinates(x_t)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             hidden = self.text_encoder(ids)[0]
             prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
@@ -286,7 +310,8 @@ class Trainer:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         identity = {"source": str(self.out), "name": MODEL_NAME, "revision": f"step{self.step}"}
         return PixelCascadeBackend(unet, text_encoder, self.tokenizer, self.scheduler.config,
-                                   identity, self.device, dtype)
+                                   identity, self.device, dtype,
+                                   coord_channels=self.config.model.coord_channels)
 
     def write_samples(self) -> Path:
         backend = self.ema_backend()
@@ -318,6 +343,8 @@ class Trainer:
             "name": MODEL_NAME,
             "revision": _file_sha256(weights)[:12],
             "description": "ShapesWorld 32×32 pixel-space text-to-image model (imagic)",
+            "coord_channels": self.config.model.coord_channels,
+            "initialised_from": self.config.init_from,
             "parameters": {"unet": parameter_count(unet),
                            "text_encoder": parameter_count(text_encoder)},
             "training": {
@@ -541,6 +568,7 @@ def add_cli(subparsers) -> None:
     train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
                          help="steps between sample grids (0: only at the end)")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    train_p.add_argument("--init-from", help="start from the weights of an exported model folder")
     train_p.add_argument("--seed", type=int, default=defaults.seed,
                          help="seeds the initial weights and every data and noise draw")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -574,7 +602,7 @@ def cmd_train_shapes(args) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-        resume=args.resume, seed=args.seed, quiet=args.quiet,
+        resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
         command=" ".join(["imagic", *sys.argv[1:]]),
     )
     train(config)
