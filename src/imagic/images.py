@@ -158,7 +158,7 @@ def make_grid(
     draw.text((left, header_y), "input", fill=(0, 0, 0), font=font)
     paste(source, 0, 0)
     for j, eta in enumerate(etas):
-        draw.text((left + (j + 1) * (cell + gap), header_y), f"η = {eta:g}", fill=(0, 0, 0),
+        draw.text((left + (j + 1) * (cell + gap), header_y), f"eta {eta:g}", fill=(0, 0, 0),
                   font=font)
     for i, seed in enumerate(seeds):
         draw.text((4, top + i * (cell + gap) + cell // 2 - 8), f"seed {seed}", fill=(0, 0, 0),

@@ -106,3 +106,45 @@ def markdown_table(result: dict) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in result["status"].items())
     lines += ["", f"detector: {counts}; bar {'met' if result['meets_bar'] else 'NOT met'}"]
     return "\n".join(lines)
+
+
+def check_edit(image, source, target: dict) -> dict:
+    """Score one edited image against the render it came from.
+
+    `source` is the input Scene; `target` the attributes the text asked for (e.g. {"colour":
+    "blue"}). Returns: target (every asked attribute reads as asked), kept (every other
+    attribute reads as in the input), pebbles (the input's pebbles, where no object covers them,
+    are still there: mean absolute difference under 25 of 255 levels), background_psnr (dB,
+    outside the input's object and the detected object), and the detection itself.
+    """
+    from .world import object_mask, pebble_mask, render
+
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    found = detect(array)
+    wanted = {**source.attributes, **target}
+    right = compare(found, wanted)
+    outside = ~(object_mask(source) | _grow(found.mask))
+    original = render(source).astype(np.float64)
+    diff = (array.astype(np.float64) - original)[outside]
+    mse = float(np.mean(diff**2)) if diff.size else 0.0
+    pebbles = pebble_mask(source) & outside
+    pebble_error = float(np.abs(array.astype(np.float64) - original)[pebbles].mean()) if \
+        pebbles.any() else 0.0
+    return {
+        "status": found.status,
+        "detected": found.attributes,
+        "target": all(right[k] for k in target),
+        "kept": all(v for k, v in right.items() if k not in target),
+        "pebbles": pebble_error < 25.0,
+        "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
+    }
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours: edges of a generated object are soft."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= grown[:, :-1].copy()
+    grown[:, :-1] |= grown[:, 1:].copy()
+    return grown
