@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backends.cascade import add_coordinates
 from .evaluate import DEFAULT_GUIDANCE
 from .model import ModelConfig, build_model, parameter_count
-from ..backends.cascade import add_coordinates
 from .world import IMAGE_SIZE, POSITIONS, SHAPES, caption, random_caption_and_scene, render_batch
 
 MODEL_NAME = "shapes-32"

@@ -1,0 +1,61 @@
+"""The embedded ShapesWorld model: it ships in the package, loads offline, draws what captions
+ask for, and `imagic edit` with no --model edits with it."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagic import Imagic, get_preset, load_backend
+from imagic.backends.cascade import EMBEDDED
+from imagic.cli import main
+from imagic.images import load_image
+from imagic.shapes import detect
+from imagic.shapes.evaluate import text_to_image_accuracy
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "large-red-circle-top-left.png"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend(None)
+
+
+def test_embedded_model_ships_small_and_loads_as_the_default(backend):
+    size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
+    assert size <= 20e6
+    assert not list(EMBEDDED.rglob("*.bin")) and not list(EMBEDDED.rglob("*.pt"))
+    assert backend.family == "pixel-cascade" and backend.resolution == 32
+    assert backend.default_preset == "shapes" and backend.identity["source"] == "imagic:shapes-32"
+
+
+def test_captions_give_the_asked_shape_colour_and_size(backend):
+    """Twelve random captions, fixed seeds: the detectors read back what the text asked.
+    (Position is the model's weak attribute; docs/models/shapes.md gives its accuracy.)"""
+    result = text_to_image_accuracy(backend, samples=12, seed=1, steps=25, progress=False)
+    for attribute in ("shape", "colour", "size"):
+        assert result["accuracy"][attribute] >= 11 / 12, result["accuracy"]
+
+
+def test_a_short_edit_changes_the_colour_and_keeps_the_rest(backend):
+    config = replace(get_preset("shapes"), embed_steps=40, finetune_steps=60, seeds=(1,),
+                     etas=(0.0, 1.0), sample_steps=25)
+    editor = Imagic(backend, config, quiet=True)
+    session = editor.fit(load_image(EXAMPLE),
+                         "a large blue circle at the top left")
+    found = {r.eta: detect(np.asarray(r.image)) for r in editor.generate(session)}
+    assert found[0.0].colour == "red"  # η = 0 reconstructs the input's colour
+    assert found[1.0].attributes == {"shape": "circle", "colour": "blue", "size": "large",
+                                     "position": "top left"}
+
+
+def test_edit_without_model_uses_the_embedded_one(tmp_path):
+    out = tmp_path / "out"
+    code = main(["edit", str(EXAMPLE), "a large blue circle at the top left", "--out", str(out),
+                 "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3",
+                 "--eta", "1", "--seeds", "0", "--quiet"])
+    assert code == 0
+    assert (out / "eta1.00_seed0.png").exists() and (out / "grid.png").exists()
+    session = (out / "session" / "manifest.json").read_text()
+    assert '"imagic:shapes-32"' in session and '"embed_lr": 0.05' in session  # the shapes preset
