@@ -1,0 +1,27 @@
+"""CUDA precision rules (skipped without a GPU): frozen parts in bf16, θ trained in fp32 under
+autocast, and the base model restored exactly after an edit."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import make_photo
+from imagic import EditConfig, Imagic, load_backend
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_cuda_edit_uses_bf16_frozen_parts_and_restores_fp32_weights(tiny_model_dir):
+    backend = load_backend(str(tiny_model_dir), device="cuda")
+    assert backend.text_encoder.dtype == torch.bfloat16 and backend.vae.dtype == torch.bfloat16
+    assert backend.unet.dtype == torch.float32
+    before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
+    config = replace(EditConfig(), embed_steps=3, finetune_steps=3, sample_steps=3, etas=(1.0,))
+    editor = Imagic(backend, config, quiet=True)
+    session = editor.fit(make_photo(), "a photo of a sitting dog")
+    assert all(t.dtype == torch.float32 for t in session.delta.tensors.values())
+    assert len(editor.generate(session)) == 1
+    after = backend.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
