@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.cascade import add_coordinates
+from ..images import file_sha256, write_text_atomic
 from .evaluate import DEFAULT_GUIDANCE
 from .model import ModelConfig, build_model, parameter_count
 from .world import IMAGE_SIZE, POSITIONS, SHAPES, caption, random_caption_and_scene, render_batch
@@ -136,9 +136,7 @@ def _existing(final: Path) -> Path | None:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,14 +164,6 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
               for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -341,7 +331,7 @@ class Trainer:
 
         meta = {
             "name": MODEL_NAME,
-            "revision": _file_sha256(weights)[:12],
+            "revision": file_sha256(weights)[:12],
             "description": "ShapesWorld 32×32 pixel-space text-to-image model (imagic)",
             "coord_channels": self.config.model.coord_channels,
             "initialised_from": self.config.init_from,
