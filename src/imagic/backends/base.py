@@ -139,7 +139,12 @@ class Backend(Protocol):
         steps: int,
         guidance: float,
         progress: bool = False,
+        x0: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> list[Image.Image]:
         """Stage 3: one image per row of `conds`, classifier-free guided against `uncond`; the
-        initial noise of image i comes from `generators[i]` alone, so batching never changes it."""
+        initial noise of image i comes from `generators[i]` alone, so batching never changes it.
+
+        With `x0` (the SDEdit baseline), start from x0 noised to `strength` of the way (1: pure
+        noise) and run that last part of the schedule."""
 

@@ -183,18 +183,24 @@ class UNetBackend:
     # -- stage 3: sampling ------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, conds, uncond, generators, steps, guidance, progress=False):
+    def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
+               strength=1.0):
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(self.sampler_config)
         scheduler.set_timesteps(steps, device=self.device)
+        timesteps = scheduler.timesteps
         n = len(generators)
         size = self.unet.config.sample_size
         shape = (1, self.unet.config.out_channels, size, size)
         x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        x = x * scheduler.init_noise_sigma
+        if x0 is None:
+            x = x * scheduler.init_noise_sigma
+        else:  # SDEdit (Meng et al. 2022): noise x0 to the strength's timestep, denoise from there
+            timesteps = timesteps[steps - max(1, round(steps * strength)):]
+            x = scheduler.add_noise(x0.expand(n, -1, -1, -1), x, timesteps[:1].repeat(n))
         hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), conds.hidden_states])
-        for t in tqdm(scheduler.timesteps, desc="denoise", leave=False, disable=not progress):
+        for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
             model_input = self.unet_input(scheduler.scale_model_input(torch.cat([x, x]), t))
             with self._autocast():
                 prediction = self.unet(model_input, t, encoder_hidden_states=hidden).sample

@@ -137,7 +137,21 @@ def check_edit(image, source, target: dict) -> dict:
         "kept": all(v for k, v in right.items() if k not in target),
         "pebbles": pebble_error < 25.0,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
+        "background_ssim": masked_ssim(array, original, outside),
     }
+
+
+def masked_ssim(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
+    """SSIM (torchmetrics, 7×7 Gaussian window for 32 px images) averaged over `mask`."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    def tensor(a):
+        return torch.from_numpy(np.asarray(a, np.float32)).permute(2, 0, 1).unsqueeze(0)
+
+    _, full = ssim(tensor(image), tensor(reference), kernel_size=7, sigma=1.0,
+                   data_range=255.0, return_full_image=True)
+    per_pixel = full[0].mean(0).numpy()
+    return float(per_pixel[mask].mean()) if mask.any() else 1.0
 
 
 def _grow(mask: np.ndarray) -> np.ndarray:

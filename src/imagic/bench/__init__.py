@@ -1,0 +1,1 @@
+"""Benchmarks of edit quality: ShapesBench (offline, analytic)."""

@@ -1,0 +1,45 @@
+"""ShapesBench: its cases are fair (one attribute changed, inputs are renders), every method
+is scored from the same seeds, and a stopped run resumes without redoing finished cases."""
+
+import csv
+
+from imagic.bench.shapes import KINDS, make_cases
+from imagic.cli import main
+from imagic.shapes import detect, render
+
+
+def test_cases_change_exactly_one_attribute_of_a_render():
+    cases = make_cases(40)
+    assert [c.kind for c in cases[:4]] == list(KINDS)
+    assert make_cases(8) == cases[:8]  # seeded per case: a smaller set is a prefix
+    for case in cases:
+        assert list(case.target) == [case.kind]
+        assert case.target[case.kind] != case.source.attributes[case.kind]
+        assert detect(render(case.source)).attributes == case.source.attributes
+        words = case.text.split()
+        assert case.target[case.kind].split()[0] in words
+
+
+def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "shapes", "--cases", "2", "--seeds", "0", "--out", str(out),
+            "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3",
+            "--eta", "0,1", "--strengths", "0.5", "--quiet"]
+    assert main(args) == 0
+    with (out / "rows.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # per case: imagic and no-finetune at 2 η, no-embedding once, SDEdit at 1 strength, text-only
+    assert len(rows) == 2 * (2 + 2 + 1 + 1 + 1)
+    assert {r["method"] for r in rows} == {"imagic", "no-finetune", "no-embedding", "sdedit",
+                                          "text-only"}
+    assert all(0 <= float(r["ssim"]) <= 1 and float(r["psnr"]) > 0 for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "| colour | imagic |" in summary and "| size | sdedit |" in summary
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert main(args) == 0  # finished cases are not redone
+    with (out / "rows.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    args[args.index("--cases") + 1] = "3"
+    assert main(args) == 0  # one more case adds only its rows
+    with (out / "rows.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows) * 3 // 2
