@@ -206,9 +206,9 @@ def plot(rows, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success (%)")
     handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     if handles:
-        fig.legend(handles, labels, loc="lower right", fontsize=8)
-    fig.tight_layout()
+        fig.legend(handles, labels, loc="center right", fontsize=8)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
