@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from imagic.cli import main
 
@@ -113,8 +115,11 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
     a_file.write_text("")
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"\x80\x04")
+    single = tmp_path / "model.safetensors"
+    save_file({"not.a.stable.diffusion.key": torch.zeros(2)}, single)
     return dict(photo=photo_path, text=text, tiny=tiny, anim=anim, cmyk=cmyk, file=a_file,
-                model=tiny_model_dir, pickled=pickled, missing=tmp_path / "missing.png")
+                model=tiny_model_dir, pickled=pickled, missing=tmp_path / "missing.png",
+                single=single)
 
 
 @pytest.mark.parametrize(
@@ -132,6 +137,7 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
         (["edit", "{photo}", "a dog", "--model", "{model}", "--out", "{file}"], "is a file"),
         (["edit", "{photo}", "a dog", "--model", "{pickled}"], "--allow-pickle"),
         (["edit", "{photo}", "a dog", "--model", "./no/such/model"], "not found"),
+        (["edit", "{photo}", "a dog", "--model", "{single}"], "--config DIR"),
         (["edit", "{photo}", "a dog", "--model", "someone/not-cached-model"], "hub"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--preset", "nope"], "unknown preset"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--embed-steps", "-1"], "embed_steps"),
