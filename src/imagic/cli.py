@@ -251,12 +251,11 @@ def cmd_edit(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .editor import Imagic
     from .session import EditSession
 
     out = check_out_dir(args.out)
     session = EditSession.load(args.session)
-    from .editor import Imagic
-
     backend = _load(args, args.model or session.model.get("source"))
     session.check_model(backend)
     editor = Imagic(backend, session.config, quiet=args.quiet)

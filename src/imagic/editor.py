@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import Backend, TextCond
 from .errors import InputError
-from .presets import EditConfig, check_config, get_preset
+from .presets import EditConfig, get_preset
 from .session import EditSession
 
 # --------------------------------------------------------------------------- the three stages
@@ -176,8 +176,7 @@ class Imagic:
         from .images import to_square  # local: keeps this module's imports to the algorithm
 
         # 1. Check inputs
-        backend, config = self.backend, self.config
-        check_config(config)
+        backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(image.convert("RGB"), backend.resolution, pad=pad)

@@ -104,7 +104,7 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, n
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
+def dilate(mask: np.ndarray) -> np.ndarray:
     """3x3 binary dilation with numpy shifts."""
     padded = np.pad(mask, 1)
     out = np.zeros_like(mask)
@@ -173,7 +173,7 @@ def detect(image: np.ndarray) -> Detection:
 
     # Soft coverage: rescale chroma between the local background level and the object's
     # interior level, so area and moments are sub-pixel accurate even for small shapes.
-    region = _dilate(_dilate(mask))
+    region = dilate(dilate(mask))
     inner = float(np.percentile(chroma[mask], 75))
     outer = float(np.median(chroma[~region])) if (~region).any() else 0.0
     weights = np.clip((chroma - outer) / max(inner - outer, 1.0), 0.0, 1.0) * region
