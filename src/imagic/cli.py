@@ -33,6 +33,11 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------ argument types
 
 
+def parse_eta_or_auto(text: str) -> tuple[float, ...] | str:
+    """parse_etas, or 'auto': sweep imagic.auto_eta.AUTO_ETAS and pick one η per seed."""
+    return "auto" if text.strip().lower() == "auto" else parse_etas(text)
+
+
 def parse_etas(text: str) -> tuple[float, ...]:
     """'0.6,0.7,0.8' or 'start:stop:step' (stop included), each η in [−1, 2]."""
     try:
@@ -54,6 +59,19 @@ def parse_etas(text: str) -> tuple[float, ...]:
         if not -1.0 <= eta <= 2.0:
             raise argparse.ArgumentTypeError(f"η must lie in [-1, 2], got {eta:g}")
     return etas
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """'imagic,sdedit': a subset of ShapesBench's methods, each named once."""
+    from .bench.shapes import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}"
+        )
+    return tuple(dict.fromkeys(methods))
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -104,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: bf16 on CUDA, fp32 on CPU)")
 
     def stage3_options(p):
-        p.add_argument("--eta", type=parse_etas, help="η values: 0.6,0.7 or 0.5:1.0:0.1")
+        p.add_argument("--eta", type=parse_eta_or_auto,
+                       help="η values: 0.6,0.7 or 0.5:1.0:0.1, or auto (sweep 0.4:1.2:0.1 and "
+                            "pick one per seed, written as auto_seedS.png)")
         p.add_argument("--seeds", type=parse_seeds, help="sampling seeds: 0,1,2 or 0:3")
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
         p.add_argument("--sample-steps", type=int, help="DDIM sampling steps")
@@ -178,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--eta", type=parse_etas, help="η sweep (default 0:1.2:0.1)")
     shapes.add_argument("--strengths", type=parse_etas,
                         help="SDEdit strengths (default 0.3:0.9:0.1)")
+    shapes.add_argument("--methods", type=parse_methods,
+                        help="comma-separated subset of: imagic, imagic-auto, no-finetune, "
+                             "no-embedding, sdedit, text-only (default: all)")
     shapes.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
     shapes.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
     shapes.add_argument("--sample-steps", type=int, help="override the preset's DDIM steps")
@@ -217,6 +240,7 @@ def _load(args, model):
 
 
 def cmd_edit(args) -> int:
+    from .auto_eta import AUTO_ETAS, choose_etas
     from .editor import Imagic
     from .images import file_sha256, load_image
     from .presets import DEFAULT_PRESET, get_preset
@@ -231,6 +255,8 @@ def cmd_edit(args) -> int:
         raise InputError(f"--session {session_dir} is a file; choose a folder")
     overrides = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
                  if getattr(args, flag) is not None}
+    if args.eta == "auto":
+        overrides["etas"] = AUTO_ETAS
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails before the model loads
     replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers
@@ -240,17 +266,19 @@ def cmd_edit(args) -> int:
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
     results = editor.generate(session)
+    choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     # 3. Write: images, grid and manifest into --out; the session folder
     if session_dir is not None:
         session.save(session_dir)
     write_outputs(out, session, results, config.etas, config.seeds,
                   {"command": "edit", "image": str(Path(args.image).resolve()),
-                   "session": str(session_dir) if session_dir else None})
-    _say(args, out, results, session_dir)
+                   "session": str(session_dir) if session_dir else None}, choices)
+    _say(args, out, results, session_dir, choices)
     return 0
 
 
 def cmd_generate(args) -> int:
+    from .auto_eta import AUTO_ETAS, choose_etas
     from .editor import Imagic
     from .session import EditSession
 
@@ -259,12 +287,14 @@ def cmd_generate(args) -> int:
     backend = _load(args, args.model or session.model.get("source"))
     session.check_model(backend)
     editor = Imagic(backend, session.config, quiet=args.quiet)
-    etas = args.eta or session.config.etas
+    etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
     seeds = args.seeds or session.config.seeds
     results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps)
+    choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     write_outputs(out, session, results, etas, seeds,
-                  {"command": "generate", "session": str(Path(args.session).resolve())})
-    _say(args, out, results, None)
+                  {"command": "generate", "session": str(Path(args.session).resolve())},
+                  choices)
+    _say(args, out, results, None, choices)
     return 0
 
 
@@ -284,7 +314,7 @@ def cmd_info(args) -> int:
 
 def cmd_bench_shapes(args) -> int:
     from .backends import load_backend
-    from .bench.shapes import ETAS, STRENGTHS, make_cases, run
+    from .bench.shapes import ETAS, METHODS, STRENGTHS, make_cases, run
     from .presets import get_preset
 
     if args.cases < 1:
@@ -296,15 +326,17 @@ def cmd_bench_shapes(args) -> int:
     config = replace(get_preset(args.preset), **overrides)
     backend = load_backend(args.model, device=args.device)
     path = run(backend, out, make_cases(args.cases), args.seeds, config, etas=args.eta or ETAS,
-               strengths=args.strengths or STRENGTHS, quiet=args.quiet)
+               strengths=args.strengths or STRENGTHS, methods=args.methods or METHODS,
+               quiet=args.quiet)
     if not args.quiet:
         print((out / "summary.md").read_text())
         print(f"rows: {path}; plot: {out / 'tradeoff.png'}")
     return 0
 
 
-def write_outputs(out: Path, session, results, etas, seeds, extra: dict) -> None:
-    """One PNG per (η, seed), grid.png and manifest.json, each written atomically."""
+def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices=None) -> None:
+    """One PNG per (η, seed), grid.png and manifest.json, each written atomically; with auto-η
+    `choices` also auto_seedS.png (the chosen image) and the signals behind each choice."""
     from .images import make_grid, save_atomic, write_text_atomic
     from .session import library_versions
 
@@ -314,6 +346,11 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict) -> None
         name = f"eta{r.eta:.2f}_seed{r.seed}.png"
         save_atomic(r.image, out / name)
         files.append({"file": name, "eta": r.eta, "seed": r.seed})
+    for seed, choice in (choices or {}).items():
+        chosen = next(r for r in results if r.seed == seed and r.eta == choice.eta)
+        save_atomic(chosen.image, out / f"auto_seed{seed}.png")
+        files.append({"file": f"auto_seed{seed}.png", "eta": choice.eta, "seed": seed,
+                      "auto": True})
     grid = make_grid(session.input_image, {(r.seed, r.eta): r.image for r in results},
                      seeds, etas, title=session.text)
     save_atomic(grid, out / "grid.png")
@@ -324,6 +361,7 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict) -> None
         "model": session.model,
         "config": {**session.config.to_dict(), "etas": list(etas), "seeds": list(seeds)},
         "images": files,
+        **({"auto_eta": [c.to_dict() for c in choices.values()]} if choices else {}),
         "grid": "grid.png",
         "timings": {k: round(v, 3) for k, v in session.timings.items()},
         "versions": library_versions(),
@@ -332,10 +370,12 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict) -> None
     write_text_atomic(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
 
 
-def _say(args, out: Path, results, session_dir) -> None:
+def _say(args, out: Path, results, session_dir, choices=None) -> None:
     if args.quiet:
         return
     print(f"wrote {len(results)} image(s), grid.png and manifest.json to {out}")
+    for seed, choice in (choices or {}).items():
+        print(f"auto-η: seed {seed} → η {choice.eta:g} ({out / f'auto_seed{seed}.png'})")
     if session_dir is not None:
         print(f"session saved to {session_dir}; re-render with "
               f"`imagic generate {session_dir} --eta ...`")

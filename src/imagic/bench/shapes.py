@@ -6,6 +6,8 @@ the target attribute reads as asked and the other three read as in the input; ba
 fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds:
 
 - imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3);
+- imagic-auto: the η that `--eta auto` picks from that sweep (:mod:`imagic.auto_eta`), scored
+  like the others; compared with the oracle (the best η per case, knowing the answer);
 - no-finetune: the paper's ablation without stage 2 (ē(η) on the original model);
 - no-embedding: the ablation without stage 1 (fine-tune on e_tgt, sample at e_tgt);
 - sdedit: noise the input to strength s and denoise with the target text (Meng et al. 2022);
@@ -25,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..auto_eta import AUTO_ETAS, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
 from ..presets import EditConfig
@@ -35,6 +38,7 @@ KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text")
 
@@ -79,36 +83,51 @@ def score(case: Case, method: str, param: float, seed: int, image: Image.Image) 
             "status": c["status"], "text": case.text}
 
 
-def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths) -> list[dict]:
-    """Every method on one (case, seed)."""
+def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths,
+             methods=METHODS) -> list[dict]:
+    """The chosen methods on one (case, seed)."""
     image, text = case.image(), case.text
     config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,))
     rows = []
-    # Imagic and the ablation without fine-tuning share stage 1's e_opt
-    session = Imagic(backend, config, quiet=True).fit(image, text)
-    editor = Imagic(backend, config, quiet=True)
-    rows += [score(case, "imagic", r.eta, seed, r.image) for r in editor.generate(session)]
-    untuned = replace(session, delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
-    rows += [score(case, "no-finetune", r.eta, seed, r.image) for r in editor.generate(untuned)]
+    # Imagic, auto-η and the ablation without fine-tuning share stages 1–2
+    if {"imagic", "imagic-auto", "no-finetune"} & set(methods):
+        session = Imagic(backend, config, quiet=True).fit(image, text)
+        editor = Imagic(backend, config, quiet=True)
+    if {"imagic", "imagic-auto"} & set(methods):
+        results = editor.generate(session)
+        imagic_rows = [score(case, "imagic", r.eta, seed, r.image) for r in results]
+        if "imagic" in methods:
+            rows += imagic_rows
+        if "imagic-auto" in methods:  # choose among the η that `--eta auto` sweeps
+            swept = [r for r in results if r.eta in AUTO_ETAS] or results
+            eta = choose_etas(backend, session, swept)[seed].eta
+            rows.append({**next(r for r in imagic_rows if r["param"] == eta),
+                         "method": "imagic-auto"})
+    if "no-finetune" in methods:
+        untuned = replace(session, delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
+        rows += [score(case, "no-finetune", r.eta, seed, r.image)
+                 for r in editor.generate(untuned)]
     # The ablation without embedding optimization: e_opt = e_tgt, so every η is the same image
-    plain = Imagic(backend, replace(config, embed_steps=0, etas=(1.0,)), quiet=True)
-    rows += [score(case, "no-embedding", 1.0, seed, r.image)
-             for r in plain.generate(plain.fit(image, text))]
+    if "no-embedding" in methods:
+        plain = Imagic(backend, replace(config, embed_steps=0, etas=(1.0,)), quiet=True)
+        rows += [score(case, "no-embedding", 1.0, seed, r.image)
+                 for r in plain.generate(plain.fit(image, text))]
     # SDEdit at each strength, and the text alone, on the original model
     x0 = backend.encode_image(image)
     cond, uncond = backend.encode_text([text]), backend.encode_text([""])
-    for strength in strengths:
+    for strength in strengths if "sdedit" in methods else ():
         out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
                              config.sample_steps, config.guidance, x0=x0, strength=strength)
         rows.append(score(case, "sdedit", strength, seed, out[0]))
-    out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
-                         config.sample_steps, config.guidance)
-    rows.append(score(case, "text-only", 0.0, seed, out[0]))
+    if "text-only" in methods:
+        out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
+                             config.sample_steps, config.guidance)
+        rows.append(score(case, "text-only", 0.0, seed, out[0]))
     return rows
 
 
 def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=ETAS,
-        strengths=STRENGTHS, quiet: bool = False) -> Path:
+        strengths=STRENGTHS, methods=METHODS, quiet: bool = False) -> Path:
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
     then write the summary and the plot. Returns the CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +140,7 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
         if new_file:
             writer.writeheader()
         for case, seed in tqdm(jobs, desc="ShapesBench", unit="case", disable=quiet):
-            writer.writerows(run_case(backend, case, seed, config, etas, strengths))
+            writer.writerows(run_case(backend, case, seed, config, etas, strengths, methods))
             f.flush()
             os.fsync(f.fileno())
     rows = read_rows(path)
@@ -179,7 +198,54 @@ def summary(rows) -> str:
                                                   key=lambda kv: (kv[1][0], kv[1][1]))
             lines.append(f"| {kind} | {method} | {param:g} | {100 * success:.1f}% | {psnr:.2f} | "
                          f"{ssim:.3f} | {n} |")
+    if any(r["method"] == "imagic-auto" for r in rows):
+        lines += ["", auto_eta_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def auto_eta_comparison(rows) -> dict:
+    """Per edit kind and overall: success of auto-η, of the best single fixed η (one η for
+    every case of the group, chosen knowing the answers) and of the oracle (the best η per
+    (case, seed)), over the (case, seed) pairs that have an auto-η row."""
+    auto = {(r["case"], r["seed"]): r for r in rows if r["method"] == "imagic-auto"}
+    sweep = defaultdict(dict)  # (case, seed) -> {η: success}
+    for r in rows:
+        if r["method"] == "imagic" and (r["case"], r["seed"]) in auto:
+            sweep[(r["case"], r["seed"])][r["param"]] = r["success"]
+    groups = {"all": list(auto)}
+    for kind in KINDS:
+        groups[kind] = [k for k, r in auto.items() if r["kind"] == kind]
+    table = {}
+    for name, keys in groups.items():
+        keys = [k for k in keys if sweep[k]]
+        if not keys:
+            continue
+        etas = sorted(set.intersection(*(set(sweep[k]) for k in keys)))
+        fixed = {eta: float(np.mean([sweep[k][eta] for k in keys])) for eta in etas}
+        best_eta = max(fixed, key=fixed.get) if fixed else float("nan")
+        table[name] = {
+            "n": len(keys),
+            "auto": float(np.mean([auto[k]["success"] for k in keys])),
+            "oracle": float(np.mean([max(sweep[k].values()) for k in keys])),
+            "best_fixed": fixed.get(best_eta, 0.0),
+            "best_fixed_eta": best_eta,
+            "auto_etas": [auto[k]["param"] for k in keys],
+        }
+    return table
+
+
+def auto_eta_table(rows) -> str:
+    table = auto_eta_comparison(rows)
+    lines = ["Auto-η against the oracle (best η per case and seed) and the best single fixed η.",
+             "",
+             "| kind | auto-η | best fixed η | oracle | auto / oracle | mean auto η | outputs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in table.items():
+        ratio = t["auto"] / t["oracle"] if t["oracle"] else float("nan")
+        lines.append(f"| {name} | {100 * t['auto']:.1f}% | {100 * t['best_fixed']:.1f}% "
+                     f"(η {t['best_fixed_eta']:g}) | {100 * t['oracle']:.1f}% | {ratio:.2f} | "
+                     f"{np.mean(t['auto_etas']):.2f} | {t['n']} |")
+    return "\n".join(lines)
 
 
 def plot(rows, path: Path) -> None:

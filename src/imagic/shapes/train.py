@@ -48,6 +48,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.999  # EMA of the weights that get exported (UNet and text encoder)
     caption_dropout: float = 0.1  # train on "" this often, so classifier-free guidance works
+    # Min-SNR-γ loss weighting (Hang et al., ICCV 2023): weight min(SNR, γ)/SNR per sample, so the
+    # nearly clean timesteps (fine detail) stop dominating Adam's normalised updates and the noisy
+    # ones, where layout ("at the top left") is decided, get a larger share. None: plain MSE.
+    snr_gamma: float | None = None
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # weights init and every data/noise draw
     workers: int | None = None  # data processes; None: 0 on the CPU, min(12, cores - 2) on CUDA
@@ -265,7 +269,11 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             hidden = self.text_encoder(ids)[0]
             prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        loss = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma is not None:
+            snr = self.alphas[t] / (1 - self.alphas[t])
+            loss = loss * snr.clamp(max=self.config.snr_gamma) / snr
+        loss = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
@@ -346,6 +354,7 @@ class Trainer:
                 "lr": self.config.lr,
                 "ema_decay": self.config.ema_decay,
                 "caption_dropout": self.config.caption_dropout,
+                "snr_gamma": self.config.snr_gamma,
                 "seed": self.config.seed,
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": self.config.command,
@@ -557,6 +566,8 @@ def add_cli(subparsers) -> None:
                          help=f"steps between checkpoints (default {defaults.checkpoint_every})")
     train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
                          help="steps between sample grids (0: only at the end)")
+    train_p.add_argument("--snr-gamma", type=float,
+                         help="Min-SNR-γ loss weighting, e.g. 5 (default: none, plain MSE)")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train_p.add_argument("--init-from", help="start from the weights of an exported model folder")
     train_p.add_argument("--seed", type=int, default=defaults.seed,
@@ -593,7 +604,7 @@ def cmd_train_shapes(args) -> int:
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
-        command=" ".join(["imagic", *sys.argv[1:]]),
+        snr_gamma=args.snr_gamma, command=" ".join(["imagic", *sys.argv[1:]]),
     )
     train(config)
     return 0

@@ -1,0 +1,57 @@
+"""Automatic η: the rule on numbers, and `--eta auto` end to end on a tiny model."""
+
+import json
+
+from PIL import Image
+
+from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
+from imagic.cli import main
+
+
+def test_rule_takes_the_closest_eta_among_those_that_reach_the_text():
+    etas = [0.4, 0.6, 0.8, 1.0, 1.2]
+    # the margin rises from 0 to 1; 0.8 is the first η past FRACTION of it
+    margins = [0.0, 0.1, 0.8, 0.9, 1.0]
+    assert FRACTION <= 0.8
+    assert choose(etas, margins, [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
+    # of the η that reach the text, the one closest to the input wins, even a larger one
+    assert choose(etas, margins, [0.1, 0.2, 0.5, 0.3, 0.6]) == 1.0
+    # an η below the bar is never taken, however close to the input it stays
+    assert choose(etas, margins, [0.0, 0.0, 0.9, 0.9, 0.9]) == 0.8
+    # only the differences of the margins matter, not their offset or scale
+    assert choose(etas, [5 + 3 * m for m in margins], [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
+    # nothing moves toward the text: all are candidates, so the closest to the input
+    assert choose(etas, [0.0] * 5, [0.3, 0.1, 0.2, 0.4, 0.5]) == 0.6
+
+
+def test_edit_with_eta_auto_writes_the_chosen_image_per_seed(tmp_path, tiny_model_dir,
+                                                              photo_path):
+    out = tmp_path / "out"
+    assert main(["edit", str(photo_path), "a photo of a red dog", "--model", str(tiny_model_dir),
+                 "--eta", "auto", "--seeds", "0,1", "--embed-steps", "2",
+                 "--finetune-steps", "2", "--sample-steps", "2", "--out", str(out),
+                 "--no-session", "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["etas"] == list(AUTO_ETAS)
+    picks = {c["seed"]: c for c in manifest["auto_eta"]}
+    assert sorted(picks) == [0, 1]
+    for seed, pick in picks.items():
+        assert pick["etas"] == list(AUTO_ETAS)
+        assert len(pick["margins"]) == len(pick["distances"]) == len(AUTO_ETAS)
+        assert pick["eta"] == choose(pick["etas"], pick["margins"], pick["distances"])
+        chosen = Image.open(out / f"auto_seed{seed}.png")
+        swept = Image.open(out / f"eta{pick['eta']:.2f}_seed{seed}.png")
+        assert chosen.tobytes() == swept.tobytes()
+    assert (out / "grid.png").exists()
+
+
+def test_generate_from_a_session_with_eta_auto(tmp_path, tiny_model_dir, photo_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["edit", str(photo_path), "a photo of a red dog", "--model", str(tiny_model_dir),
+                 "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "2",
+                 "--eta", "0.5", "--out", str(first), "--quiet"]) == 0
+    assert main(["generate", str(first / "session"), "--eta", "auto", "--sample-steps", "2",
+                 "--out", str(second), "--quiet"]) == 0
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert [c["seed"] for c in manifest["auto_eta"]] == [0]
+    assert (second / "auto_seed0.png").exists()
