@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="measure edit quality (ShapesBench)")
+    bench = sub.add_parser("bench", help="measure edit quality (ShapesBench, TEdBench)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     shapes = bench_sub.add_parser(
         "shapes", help="Imagic vs its ablations, SDEdit and text-only on ShapesWorld",
@@ -207,6 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(func=cmd_bench_shapes)
+
+    ted = bench_sub.add_parser(
+        "tedbench", help="TEdBench: CLIP score and 1-LPIPS over η on real image-text pairs",
+        description="Run Imagic on every pair of a TEdBench folder (input_list.json and "
+                    "originals/) and seed, render every η, and score each output with CLIP score "
+                    "(text alignment) and 1-LPIPS to the input (fidelity). Writes rows.csv "
+                    "(resumable), summary.md, curve.png and the images to --out.",
+        epilog="example:\n  imagic bench tedbench --data tedbench --model "
+               "stable-diffusion-v1-5/stable-diffusion-v1-5 --eta auto --seeds 0,1 "
+               "--out bench/tedbench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ted.add_argument("--data", required=True, help="TEdBench folder: input_list.json, originals/")
+    model_options(ted)
+    ted.add_argument("--preset", default=None, help="Imagic recipe (default: the model's own)")
+    ted.add_argument("--eta", type=parse_eta_or_auto, default="auto",
+                     help="η sweep, e.g. 0:1.2:0.1, or auto (default: sweep 0.4:1.2:0.1 and "
+                          "mark the η auto-η picks)")
+    ted.add_argument("--seeds", type=parse_seeds, default=(0,), help="default 0")
+    ted.add_argument("--out", default="bench-tedbench", help="output folder")
+    ted.add_argument("--clip-model", default=None,
+                     help="CLIP weights for CLIP score: hub id or folder "
+                          "(default openai/clip-vit-large-patch14)")
+    ted.add_argument("--limit", type=int, help="only the first N pairs")
+    ted.add_argument("--keep-sessions", action="store_true",
+                     help="save each fitted session under OUT/sessions/")
+    ted.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
+    ted.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
+    ted.add_argument("--sample-steps", type=int, help="override the preset's DDIM steps")
+    ted.add_argument("--quiet", action="store_true", help="no progress bar")
+    ted.set_defaults(func=cmd_bench_tedbench)
 
     from .shapes.train import add_cli as add_shapes_commands
 
@@ -331,6 +362,32 @@ def cmd_bench_shapes(args) -> int:
     if not args.quiet:
         print((out / "summary.md").read_text())
         print(f"rows: {path}; plot: {out / 'tradeoff.png'}")
+    return 0
+
+
+def cmd_bench_tedbench(args) -> int:
+    from .backends import resolve_device
+    from .bench.tedbench import DEFAULT_CLIP, load_metrics, read_pairs, run
+    from .presets import get_preset
+
+    # Check the data, the metric weights and the numbers before loading the model
+    read_pairs(args.data)
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    out = check_out_dir(args.out)
+    overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
+                                   ("finetune_steps", args.finetune_steps),
+                                   ("sample_steps", args.sample_steps)) if v is not None}
+    if args.preset is not None:
+        replace(get_preset(args.preset), **overrides)
+    metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
+    backend = _load(args, args.model)
+    config = replace(get_preset(args.preset or backend.default_preset), **overrides)
+    path = run(backend, args.data, out, config, metrics, seeds=args.seeds, etas=args.eta,
+               keep_sessions=args.keep_sessions, limit=args.limit, quiet=args.quiet)
+    if not args.quiet:
+        print((out / "summary.md").read_text())
+        print(f"rows: {path}; plot: {out / 'curve.png'}; images: {out / 'images'}")
     return 0
 
 

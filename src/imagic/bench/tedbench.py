@@ -1,0 +1,304 @@
+"""TEdBench (Kawar et al. 2023): 100 image–text pairs, scored as in the paper's η figure.
+
+Layout of the data folder (as published): `input_list.json`, a list of
+`{"img_name": ..., "target_text": ...}`, and the images under `originals/` (any size, jpeg or
+png; `img_name` may leave out the extension). For every pair and seed, stages 1–2 run once and
+every η of the sweep is rendered; each output is scored with
+
+- CLIP score (text–image alignment, torchmetrics; CLIP ViT-L/14 unless told otherwise), and
+- 1 − LPIPS against the input (fidelity; torchmetrics, AlexNet backbone),
+
+giving the paper's curve of CLIP score against 1 − LPIPS over η (its Fig. 9). Rows go to
+rows.csv as each (pair, seed) finishes, so a stopped run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import InputError, ModelError
+from ..images import load_image, save_atomic, write_text_atomic
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+FIELDS = ("pair", "img_name", "text", "seed", "eta", "auto", "clip_score", "lpips_similarity",
+          "file")
+
+
+@dataclass(frozen=True)
+class Pair:
+    index: int
+    img_name: str
+    text: str
+    path: Path
+
+    @property
+    def slug(self) -> str:
+        return f"{self.index:03d}-{Path(self.img_name).stem}"
+
+
+def read_pairs(data: str | Path) -> list[Pair]:
+    """The pairs of a TEdBench folder, every image checked to exist; InputError otherwise."""
+    data = Path(data)
+    listing = data / "input_list.json"
+    if not listing.is_file():
+        raise InputError(f"{data} has no input_list.json: give the TEdBench folder with --data")
+    try:
+        entries = json.loads(listing.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{listing} is not valid JSON: {err}") from None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{listing} must be a non-empty list of {{img_name, target_text}}")
+    pairs = []
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("img_name"), str)
+                and isinstance(entry.get("target_text"), str) and entry["target_text"].strip()):
+            raise InputError(f"{listing} entry {index} needs a string img_name and a non-empty "
+                             f"target_text, got {entry!r}")
+        name = entry["img_name"]
+        candidates = [data / "originals" / name] + [data / "originals" / (name + e)
+                                                     for e in EXTENSIONS]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise InputError(f"{listing} entry {index}: no image {name!r} under "
+                             f"{data / 'originals'}")
+        pairs.append(Pair(index, name, " ".join(entry["target_text"].split()), path))
+    return pairs
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Metrics:
+    """Two scorers: `clip(images, text)` and `lpips_similarity(images, reference)`, each a list
+    of floats (one per image)."""
+
+    clip: Callable[[Sequence[Image.Image], str], list[float]]
+    lpips_similarity: Callable[[Sequence[Image.Image], Image.Image], list[float]]
+
+
+def _uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def clip_scorer(model: str = DEFAULT_CLIP, device: str | torch.device = "cpu"):
+    """CLIP score (torchmetrics: 100·max(cos(image, text), 0)) with weights from a local folder
+    or a hub id (already in the Hugging Face cache when offline)."""
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        clip = CLIPModel.from_pretrained(model).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"CLIP score needs the CLIP model {model!r}, which could not be loaded "
+            f"({_first(err)}): fetch it on a connected machine with `hf download {model}` "
+            f"(it lands in the Hugging Face cache) or pass --clip-model PATH to a downloaded folder"
+        ) from None
+
+    features = _TensorFeatures(clip)
+
+    def score(images: Sequence[Image.Image], text: str) -> list[float]:
+        with torch.no_grad():
+            return [float(clip_score(_uint8(im).to(device), text,
+                                     model_name_or_path=lambda: (features, processor)))
+                    for im in images]
+
+    return score
+
+
+class _TensorFeatures:
+    """CLIPModel as torchmetrics 1.9 expects it: get_*_features returning tensors. Since
+    transformers 5 they return an output object (the projected embedding is its pooler_output);
+    torchmetrics#3407, fixed upstream after 1.9.0."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def lpips_scorer(device: str | torch.device = "cpu"):
+    """1 − LPIPS (torchmetrics, AlexNet backbone and the LPIPS v0.1 linear layers it ships)."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    except ModuleNotFoundError as err:
+        raise ModelError(f"LPIPS needs torchvision ({_first(err)}): install the torchvision "
+                         f"build that matches your torch") from None
+    except (OSError, RuntimeError) as err:  # the AlexNet weights are fetched by torchvision
+        target = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ModelError(
+            f"LPIPS needs torchvision's ImageNet AlexNet weights ({_first(err)}): put "
+            f"alexnet-owt-7be5be79.pth (https://download.pytorch.org/models/) into {target}"
+        ) from None
+    metric = metric.to(device).eval()
+
+    def similarity(images: Sequence[Image.Image], reference: Image.Image) -> list[float]:
+        ref = _uint8(reference).float().div(255)[None].to(device)
+        out = []
+        with torch.no_grad():
+            for image in images:
+                x = _uint8(image.resize(reference.size)).float().div(255)[None].to(device)
+                out.append(1.0 - float(metric(x, ref)))
+                metric.reset()
+        return out
+
+    return similarity
+
+
+def load_metrics(clip_model: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> Metrics:
+    return Metrics(clip_scorer(clip_model, device), lpips_scorer(device))
+
+
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0,),
+        etas: Sequence[float] | str = "auto", keep_sessions: bool = False,
+        limit: int | None = None, quiet: bool = False) -> Path:
+    """Every (pair, seed) not yet in OUT/rows.csv; then summary.md and curve.png.
+
+    `etas` is a list of η, or "auto": sweep `auto_eta.AUTO_ETAS` and mark the η the rule picks
+    per seed (column `auto`). Returns the CSV's path.
+    """
+    from ..auto_eta import AUTO_ETAS, choose_etas
+    from ..editor import Imagic
+
+    pairs = read_pairs(data)[:limit]
+    auto = etas == "auto"
+    sweep = tuple(AUTO_ETAS if auto else etas)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rows.csv"
+    done = {(int(r["pair"]), int(r["seed"])) for r in read_rows(path)}
+    jobs = [(p, s) for p in pairs for s in seeds if (p.index, s) not in done]
+    new_file = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for pair, seed in tqdm(jobs, desc="TEdBench", unit="pair", disable=quiet):
+            image = load_image(pair.path)
+            cfg = replace(config, seed=seed, etas=sweep, seeds=(seed,))
+            editor = Imagic(backend, cfg, quiet=True)
+            session = editor.fit(image, pair.text)
+            results = editor.generate(session)
+            chosen = choose_etas(backend, session, results)[seed].eta if auto else None
+            if keep_sessions:
+                session.save(out / "sessions" / f"{pair.slug}-seed{seed}")
+            images = [r.image for r in results]
+            clip = metrics.clip(images, pair.text)
+            fidelity = metrics.lpips_similarity(images, session.input_image)
+            folder = out / "images" / pair.slug
+            folder.mkdir(parents=True, exist_ok=True)
+            for r, c, lp in zip(results, clip, fidelity):
+                name = f"eta{r.eta:.2f}_seed{seed}.png"
+                save_atomic(r.image, folder / name)
+                writer.writerow({"pair": pair.index, "img_name": pair.img_name,
+                                 "text": pair.text, "seed": seed, "eta": r.eta,
+                                 "auto": int(r.eta == chosen), "clip_score": round(c, 4),
+                                 "lpips_similarity": round(lp, 4),
+                                 "file": f"images/{pair.slug}/{name}"})
+            f.flush()
+            os.fsync(f.fileno())
+    rows = read_rows(path)
+    write_text_atomic(summary(rows), out / "summary.md")
+    plot(rows, out / "curve.png")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["pair"], r["seed"], r["auto"] = int(r["pair"]), int(r["seed"]), int(r["auto"])
+        for key in ("eta", "clip_score", "lpips_similarity"):
+            r[key] = float(r[key])
+    return rows
+
+
+def curve(rows) -> dict:
+    """η → (mean CLIP score, mean 1 − LPIPS, outputs); key "auto" for the auto-η picks."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["eta"]].append(r)
+        if r["auto"]:
+            groups["auto"].append(r)
+    return {k: (float(np.mean([g["clip_score"] for g in v])),
+                float(np.mean([g["lpips_similarity"] for g in v])), len(v))
+            for k, v in groups.items()}
+
+
+def summary(rows) -> str:
+    points = curve(rows)
+    pairs = len({r["pair"] for r in rows})
+    seeds = len({r["seed"] for r in rows})
+    lines = [f"# TEdBench: {pairs} pairs × {seeds} seeds", "",
+             "Mean over every (pair, seed) of CLIP score (text alignment) and 1 − LPIPS to the "
+             "input (fidelity).", "",
+             "| η | CLIP score | 1 − LPIPS | outputs |", "| --- | --- | --- | --- |"]
+    for key in sorted((k for k in points if k != "auto"), key=float) + (
+            ["auto"] if "auto" in points else []):
+        c, lp, n = points[key]
+        label = key if key == "auto" else f"{key:g}"
+        lines.append(f"| {label} | {c:.2f} | {lp:.4f} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    """CLIP score against 1 − LPIPS, one point per η (the paper's Fig. 9), auto-η as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve(rows)
+    etas = sorted(k for k in points if k != "auto")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs, ys = [points[e][1] for e in etas], [points[e][0] for e in etas]
+    ax.plot(xs, ys, "o-", label="Imagic, η sweep")
+    for e, x, y in zip(etas, xs, ys):
+        ax.annotate(f"{e:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if "auto" in points:
+        ax.plot([points["auto"][1]], [points["auto"][0]], "*", markersize=14, label="auto-η")
+    ax.set_xlabel("1 − LPIPS to the input (fidelity)")
+    ax.set_ylabel("CLIP score (text alignment)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
