@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--finetune-steps", type=int, help="stage 2 steps")
     edit.add_argument("--finetune-lr", type=float, help="stage 2 learning rate (full)")
     edit.add_argument("--lora-lr", type=float, help="stage 2 learning rate (LoRA)")
-    edit.add_argument("--timesteps-per-step", type=int, help="K: (t, ε) draws per optimizer step")
+    edit.add_argument("--timesteps-per-step", type=int,
+                      help="K: (t, ε) draws per optimizer step, both stages")
+    edit.add_argument("--finetune-timesteps-per-step", type=int,
+                      help="K for stage 2 only (after --timesteps-per-step)")
     edit.add_argument("--seed", type=int, help="seed of the training draws (stages 1-2)")
     edit.set_defaults(func=cmd_edit)
 
@@ -250,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
     "finetune": "finetune", "lora_rank": "lora_rank", "embed_steps": "embed_steps",
     "embed_lr": "embed_lr", "finetune_steps": "finetune_steps", "finetune_lr": "finetune_lr",
-    "lora_lr": "lora_lr", "timesteps_per_step": "timesteps_per_step", "seed": "seed",
+    "lora_lr": "lora_lr", "timesteps_per_step": "timesteps_per_step",
+    "finetune_timesteps_per_step": "finetune_timesteps_per_step", "seed": "seed",
     "eta": "etas", "seeds": "seeds", "guidance": "guidance", "sample_steps": "sample_steps",
 }
 
@@ -288,6 +292,8 @@ def cmd_edit(args) -> int:
                  if getattr(args, flag) is not None}
     if args.eta == "auto":
         overrides["etas"] = AUTO_ETAS
+    if args.timesteps_per_step is not None and args.finetune_timesteps_per_step is None:
+        overrides["finetune_timesteps_per_step"] = None  # one K for both stages, as asked
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails before the model loads
     replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers

@@ -1,0 +1,234 @@
+"""One Imagic edit, timed per stage: the way existing implementations run it against imagic's
+fast preset, in ONE process, through the same engine the CLI uses.
+
+    python benchmarks/gpu_edit.py --out docs/perf/gpu_edit-h100.json     # SD-1.5 shape, on CUDA
+    python benchmarks/gpu_edit.py --tiny --out /tmp/gpu_edit-tiny.json   # a small UNet, any CPU
+
+The model has the Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text encoder)
+with random weights: speed does not depend on weight values, so nothing is downloaded.
+
+- reference: the `paper` preset as published implementations run it (eager, one timestep per
+  optimizer step, fp32 weights with bf16 autocast, Adam), timed over --reference-steps steps per
+  stage after a warm-up and projected linearly to the paper's 1000 + 1500 steps (the JSON says
+  so: `projected`);
+- fast: the `fast` preset (the paper's sample budget in K-timestep batches), run twice: `cold`
+  (the first edit in the process: allocator growth, kernel selection) and `steady` (the second).
+
+Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
+torch.cuda.max_memory_allocated per run on CUDA; on the CPU, the process's peak RSS so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the 8-image η sweep
+PAPER_STEPS = {"stage1": 1000, "stage2": 1500}
+
+# Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 configs) and a tiny stand-in for CPUs.
+SHAPES = {
+    "sd15": {
+        "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                     attention_head_dim=8, norm_num_groups=32,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), latent_channels=4,
+                    layers_per_block=2, norm_num_groups=32, sample_size=512,
+                    down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, vocab_size=49408),
+    },
+    "tiny": {
+        "unet": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4,
+                     norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        "vae": dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1,
+                    norm_num_groups=8, sample_size=32,
+                    down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=77, vocab_size=1000),
+    },
+}
+TEXT = "a photo of a sitting dog"
+
+
+def build_backend(shape: str, device: torch.device):
+    """A StableDiffusionBackend over random-weight components of the given shape."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from imagic.backends.stable_diffusion import StableDiffusionBackend
+    from imagic.tokenizer import word_level_clip_tokenizer
+
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    tokenizer = word_level_clip_tokenizer(TEXT.split(), max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text"], bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**spec["vae"]), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    identity = {"source": f"random-weights-{shape}", "fingerprint": "random"}
+    return StableDiffusionBackend(pipe, identity, device, dtype)
+
+
+def photo(size: int) -> Image.Image:
+    """A smooth gradient with a bright disc: content does not matter for speed."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size),
+                            indexing="ij")
+    disc = (((xs - 0.4) ** 2 + (ys - 0.6) ** 2) < 0.05).float()
+    rgb = torch.stack([0.2 + 0.5 * xs + 0.3 * disc, 0.3 + 0.4 * ys, 0.6 - 0.3 * xs * ys])
+    return Image.fromarray((rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+
+
+def measure(backend, config, image) -> dict:
+    """Stages 1–2 and the η sweep once; seconds per stage (the engine's own timings, which end
+    on a device sync: every optimizer step reads its loss back) and peak memory."""
+    from imagic.editor import Imagic
+
+    cuda = backend.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    editor = Imagic(backend, config, quiet=True)
+    session = editor.fit(image, TEXT)
+    editor.generate(session)
+    if cuda:
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    t = session.timings
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    k1 = config.timesteps_per_step
+    k2 = config.finetune_timesteps_per_step or k1
+    return {
+        "stage1_s": round(t["stage1_s"], 3), "stage2_s": round(t["stage2_s"], 3),
+        "generate_s": round(t["generate_s"], 3), "total_s": round(total, 3),
+        "stage1_steps": config.embed_steps, "stage2_steps": config.finetune_steps,
+        "stage1_samples": config.embed_steps * k1, "stage2_samples": config.finetune_steps * k2,
+        "stage1_ms_per_sample": round(1e3 * t["stage1_s"] / max(config.embed_steps * k1, 1), 2),
+        "stage2_ms_per_sample": round(1e3 * t["stage2_s"] / max(config.finetune_steps * k2, 1), 2),
+        "images": len(config.etas) * len(config.seeds),
+        "peak_memory_gib": round(peak / 2**30, 2),
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+    }
+
+
+def project(run: dict) -> dict:
+    """A reference run of N steps per stage, scaled to the paper's step counts."""
+    s1 = run["stage1_s"] * PAPER_STEPS["stage1"] / run["stage1_steps"]
+    s2 = run["stage2_s"] * PAPER_STEPS["stage2"] / run["stage2_steps"]
+    return {"stage1_s": round(s1, 2), "stage2_s": round(s2, 2),
+            "generate_s": run["generate_s"], "total_s": round(s1 + s2 + run["generate_s"], 2)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a small UNet, for CPUs and tests")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    parser.add_argument("--reference-steps", type=int, default=30,
+                        help="steps per stage timed for the reference (default 30)")
+    parser.add_argument("--fast-preset", default="fast", help="the preset to compare (fast)")
+    parser.add_argument("--fast-scale", type=float, default=1.0,
+                        help="scale the fast preset's step counts (tests; default 1)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from imagic import __version__
+    from imagic.backends import resolve_device
+    from imagic.presets import get_preset
+    from imagic.session import library_versions
+
+    device = resolve_device(args.device)
+    shape = "tiny" if args.tiny else "sd15"
+    backend = build_backend(shape, device)
+    image = photo(backend.resolution)
+    sweep = {"etas": ETAS, "seeds": (0,)}
+
+    # Warm-up: kernels, allocator and the sampler, not counted
+    measure(backend, replace(get_preset("paper"), embed_steps=2, finetune_steps=2,
+                             sample_steps=2, etas=(1.0,), seeds=(0,)), image)
+    n = args.reference_steps
+    reference = measure(backend, replace(get_preset("paper"), embed_steps=n, finetune_steps=n,
+                                         **sweep), image)
+    fast_config = get_preset(args.fast_preset)
+    if args.fast_scale != 1.0:
+        fast_config = replace(
+            fast_config, embed_steps=max(1, round(fast_config.embed_steps * args.fast_scale)),
+            finetune_steps=max(1, round(fast_config.finetune_steps * args.fast_scale)))
+    fast_config = replace(fast_config, **sweep)
+    cold = measure(backend, fast_config, image)
+    steady = measure(backend, fast_config, image)
+    projected = project(reference)
+    result = {
+        "benchmark": "gpu_edit",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else
+                                                         sys.argv[1:])]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads)",
+        "shape": shape,
+        "resolution": backend.resolution,
+        "parameters": backend.parameter_counts(),
+        "versions": {"imagic": __version__, **library_versions()},
+        "reference": {"preset": "paper", "measured": reference, "projected": projected,
+                      "note": f"timed over {n} steps per stage, projected linearly to "
+                              f"{PAPER_STEPS['stage1']} + {PAPER_STEPS['stage2']} steps"},
+        "fast": {"preset": args.fast_preset, "scale": args.fast_scale, "cold": cold,
+                 "steady": steady},
+        "speedup_steady": round(projected["total_s"] / steady["total_s"], 2),
+        "speedup_cold": round(projected["total_s"] / cold["total_s"], 2),
+    }
+    print_table(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    ref, proj = r["reference"]["measured"], r["reference"]["projected"]
+    rows = [("reference (projected)", proj["stage1_s"], proj["stage2_s"], proj["generate_s"],
+             proj["total_s"], ref["peak_memory_gib"])]
+    for name in ("cold", "steady"):
+        f = r["fast"][name]
+        rows.append((f"{r['fast']['preset']} {name}", f["stage1_s"], f["stage2_s"],
+                     f["generate_s"], f["total_s"], f["peak_memory_gib"]))
+    print(f"{r['device']} — {r['shape']} at {r['resolution']} px, 8-image η sweep")
+    print(f"{'run':24} {'stage 1 s':>10} {'stage 2 s':>10} {'sweep s':>9} {'total s':>9} "
+          f"{'peak GiB':>9}")
+    for name, *values in rows:
+        print(f"{name:24} " + " ".join(f"{v:>9.2f}" if i else f"{v:>10.2f}"
+                                       for i, v in enumerate(values)))
+    print(f"speed-up, steady: {r['speedup_steady']}×; cold: {r['speedup_cold']}×")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The fast path: the `fast` preset keeps the paper's sample budget in K-timestep batches, each
+stage uses its own K, and the GPU benchmark runs end to end (on the CPU, with --tiny)."""
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import make_photo
+from imagic.cli import main
+from imagic.presets import get_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fast_preset_keeps_the_papers_sample_budget_and_step_size():
+    paper, fast = get_preset("paper"), get_preset("fast")
+    k1, k2 = fast.timesteps_per_step, fast.finetune_timesteps_per_step
+    assert k1 > 1 and k2 > 1
+    # samples (steps × K) within one batch of the paper's 1000 + 1500
+    assert 0 <= fast.embed_steps * k1 - paper.embed_steps < k1
+    assert 0 <= fast.finetune_steps * k2 - paper.finetune_steps < k2
+    # steps × lr (how far Adam can move) kept
+    assert fast.embed_lr == pytest.approx(paper.embed_lr * k1)
+    assert fast.finetune_lr == pytest.approx(paper.finetune_lr * k2)
+    # stage 3 as in the paper
+    assert (fast.etas, fast.guidance, fast.sample_steps) == (paper.etas, paper.guidance,
+                                                             paper.sample_steps)
+
+
+def _spy_on_loss(monkeypatch):
+    from imagic.backends.diffusers_unet import UNetBackend
+
+    seen = []
+    loss = UNetBackend.loss
+
+    def spy(self, x0, cond, generator, batch=1, stage="base"):
+        seen.append(batch)
+        return loss(self, x0, cond, generator, batch=batch, stage=stage)
+
+    monkeypatch.setattr(UNetBackend, "loss", spy)
+    return seen
+
+
+def test_each_stage_draws_its_own_k(tiny_model_dir, monkeypatch):
+    from imagic.backends import load_backend
+    from imagic.editor import Imagic
+
+    backend = load_backend(str(tiny_model_dir), device="cpu")
+    seen = _spy_on_loss(monkeypatch)
+    config = replace(get_preset("fast"), embed_steps=2, finetune_steps=3, sample_steps=2,
+                     etas=(1.0,))
+    Imagic(backend, config, quiet=True).fit(make_photo(), "a photo of a dog")
+    assert seen == [16, 16, 8, 8, 8]
+
+
+def test_cli_timesteps_per_step_sets_both_stages(tmp_path, tiny_model_dir, photo_path,
+                                                 monkeypatch):
+    seen = _spy_on_loss(monkeypatch)
+    args = ["edit", str(photo_path), "a photo of a dog", "--model", str(tiny_model_dir),
+            "--preset", "fast", "--embed-steps", "1", "--finetune-steps", "1",
+            "--sample-steps", "1", "--eta", "1", "--no-session", "--quiet"]
+    assert main([*args, "--timesteps-per-step", "3", "--out", str(tmp_path / "a")]) == 0
+    assert seen == [3, 3]
+    seen.clear()
+    assert main([*args, "--timesteps-per-step", "3", "--finetune-timesteps-per-step", "2",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert seen == [3, 2]
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_edit", ROOT / "benchmarks" / "gpu_edit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "2",
+                       "--fast-scale", "0.02", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    ref = r["reference"]["measured"]
+    assert (ref["stage1_steps"], ref["stage2_steps"], ref["images"]) == (2, 2, 8)
+    assert r["reference"]["projected"]["stage1_s"] == pytest.approx(
+        ref["stage1_s"] * 1000 / 2, rel=1e-3, abs=0.01)
+    for run in (r["fast"]["cold"], r["fast"]["steady"]):
+        assert run["stage1_samples"] == run["stage1_steps"] * 16
+        assert run["stage2_samples"] == run["stage2_steps"] * 8
+        assert run["images"] == 8 and run["total_s"] > 0
+    assert r["speedup_steady"] == pytest.approx(
+        r["reference"]["projected"]["total_s"] / r["fast"]["steady"]["total_s"], rel=0.01)
+    assert r["shape"] == "tiny" and "torch" in r["versions"]
