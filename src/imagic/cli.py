@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "no-embedding, sdedit, text-only (default: all)")
     shapes.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
     shapes.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
+    shapes.add_argument("--embed-lr", type=float, help="override the preset's stage 1 lr")
+    shapes.add_argument("--finetune-lr", type=float, help="override the preset's stage 2 lr")
+    shapes.add_argument("--timesteps-per-step", type=int,
+                        help="override the preset's K (both stages)")
     shapes.add_argument("--sample-steps", type=int, help="override the preset's DDIM steps")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -359,7 +363,12 @@ def cmd_bench_shapes(args) -> int:
     out = check_out_dir(args.out)
     overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
                                    ("finetune_steps", args.finetune_steps),
+                                   ("embed_lr", args.embed_lr),
+                                   ("finetune_lr", args.finetune_lr),
                                    ("sample_steps", args.sample_steps)) if v is not None}
+    if args.timesteps_per_step is not None:
+        overrides.update(timesteps_per_step=args.timesteps_per_step,
+                         finetune_timesteps_per_step=None)
     config = replace(get_preset(args.preset), **overrides)
     backend = load_backend(args.model, device=args.device)
     path = run(backend, out, make_cases(args.cases), args.seeds, config, etas=args.eta or ETAS,

@@ -97,11 +97,11 @@ PRESETS: dict[str, EditConfig] = {
     # - guidance 4: the model's training default, where its text-to-image accuracy was measured.
     # The paper's sample budget (1000 samples in stage 1, 1500 in stage 2) in fewer, larger
     # optimizer steps: K timesteps per step, as one batch, with the learning rate scaled by K so
-    # that steps × lr (how far Adam can move) stays the paper's. On an H100 a stage-1 sample costs
-    # 131 ms at K = 1 and 9.4 ms at K = 16, a stage-2 sample 163 ms at K = 1 and 22.1 ms at
-    # K = 8 (../shared/perf, SD-1.5 shape). Stage 2 stays at K = 8 so the activations fit a 24 GB
-    # card beside fp32 weights, gradients and Adam states (K = 16 peaked at 34.7 GiB).
-    # docs/PERFORMANCE.md has the measurements and what is still open (quality parity).
+    # that steps × lr (how far Adam can move) stays the paper's. On an H100 (../shared/perf,
+    # SD-1.5 shape) a stage-1 sample costs 131 ms at K = 1 and 9.4 ms at K = 16, a stage-2 sample
+    # 163 ms at K = 1 and 22.1 ms at K = 8. Stage 2 stays at K = 8 because its activations grow
+    # with K beside fp32 weights, gradients and Adam states; its peak memory is what
+    # benchmarks/gpu_edit.py measures (docs/PERFORMANCE.md, with what is still open).
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * 16, timesteps_per_step=16,
         finetune_steps=188, finetune_lr=5e-7 * 8, finetune_timesteps_per_step=8,
