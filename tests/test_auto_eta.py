@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
 from imagic.cli import main
+from imagic.errors import ModelError
 
 
 def test_rule_takes_the_closest_eta_among_those_that_reach_the_text():
@@ -22,6 +24,9 @@ def test_rule_takes_the_closest_eta_among_those_that_reach_the_text():
     assert choose(etas, [5 + 3 * m for m in margins], [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
     # nothing moves toward the text: all are candidates, so the closest to the input
     assert choose(etas, [0.0] * 5, [0.3, 0.1, 0.2, 0.4, 0.5]) == 0.6
+    # a broken model (NaN) is an error, not a silent pick
+    with pytest.raises(ModelError, match="not finite"):
+        choose(etas, [0.0, float("nan"), 0.1, 0.2, 0.3], [0.1] * 5)
 
 
 def test_edit_with_eta_auto_writes_the_chosen_image_per_seed(tmp_path, tiny_model_dir,
@@ -53,5 +58,8 @@ def test_generate_from_a_session_with_eta_auto(tmp_path, tiny_model_dir, photo_p
     assert main(["generate", str(first / "session"), "--eta", "auto", "--sample-steps", "2",
                  "--out", str(second), "--quiet"]) == 0
     manifest = json.loads((second / "manifest.json").read_text())
-    assert [c["seed"] for c in manifest["auto_eta"]] == [0]
-    assert (second / "auto_seed0.png").exists()
+    [pick] = manifest["auto_eta"]
+    assert pick["seed"] == 0 and pick["etas"] == list(AUTO_ETAS)
+    assert pick["eta"] == choose(pick["etas"], pick["margins"], pick["distances"])
+    chosen = Image.open(second / "auto_seed0.png")
+    assert chosen.tobytes() == Image.open(second / f"eta{pick['eta']:.2f}_seed0.png").tobytes()

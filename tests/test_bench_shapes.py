@@ -51,10 +51,17 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == len(rows) * 3 // 2
 
 
-def test_methods_subset_runs_only_those(tmp_path):
+def test_methods_subset_runs_only_those_and_a_rerun_adds_missing_methods(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
-                 "--methods", "sdedit,text-only", "--strengths", "0.5", "--sample-steps", "2",
-                 "--quiet"]) == 0
+    args = ["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
+            "--strengths", "0.5", "--sample-steps", "2", "--quiet"]
+    assert main([*args, "--methods", "sdedit"]) == 0
+    assert main([*args, "--methods", "sdedit,text-only"]) == 0  # only text-only is new
     with (out / "rows.csv").open() as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["sdedit", "text-only"]
+    # the same folder with another recipe would mix two runs: one line, exit 2
+    assert main([*args[:-3], "--sample-steps", "3", "--quiet", "--methods", "sdedit"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    (out / "rows.csv").write_text("not,a,bench\n1,2\n")
+    assert main([*args, "--methods", "sdedit"]) == 2
+    assert "not a ShapesBench rows.csv" in capsys.readouterr().err

@@ -146,13 +146,15 @@ def test_run_scores_every_eta_writes_csv_summary_curve_and_resumes(
     assert "| auto |" in summary and "| 0.8 |" in summary
     assert (out / "curve.png").stat().st_size > 0
     # resumable: the finished (pair, seed) are not redone; the third pair adds only its rows
-    run(backend, mini_tedbench, out, config, metrics, seeds=(0, 1), etas=[0.5, 1.0],
-        quiet=True)
+    run(backend, mini_tedbench, out, config, metrics, seeds=(0, 1), etas="auto", quiet=True)
     with path.open() as f:
         rows2 = list(csv.DictReader(f))
     assert rows2[: len(rows)] == rows
-    assert len(rows2) == len(rows) + 2 * 2
-    assert {r["auto"] for r in rows2[len(rows):]} == {"0"}
+    assert len(rows2) == len(rows) * 3 // 2
+    # another sweep in the same folder would mix two runs in the summary: refused
+    with pytest.raises(InputError, match="other settings"):
+        run(backend, mini_tedbench, out, config, metrics, seeds=(0,), etas=[0.5, 1.0],
+            quiet=True)
 
 
 def test_cli_end_to_end(tmp_path, mini_tedbench, tiny_model_dir, tiny_clip_dir, monkeypatch,

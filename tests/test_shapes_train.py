@@ -167,3 +167,27 @@ def test_train_command_line():
                               "--max-minutes", "0.5", "--resume"])
     assert (args.out, args.steps, args.max_minutes, args.resume) == ("x", 10, 0.5, True)
     assert callable(args.func)
+
+
+def test_min_snr_weighting_scales_each_samples_loss_by_min_snr_gamma_over_snr(tmp_path):
+    from imagic.shapes.train import batch_for_step
+
+    trainer = Trainer(tiny_config(tmp_path / "a", snr_gamma=5.0))
+    batch = batch_for_step(0, 0, 8, 0.0, 1000)
+    with torch.no_grad():
+        losses, t = trainer.sample_losses(batch)
+    snr = trainer.alphas[t] / (1 - trainer.alphas[t])
+    weights = torch.minimum(snr, torch.tensor(5.0)) / snr
+    assert torch.equal(trainer.loss_weights(t), weights)
+    assert (weights < 1).any() and (weights == 1).any()  # clean timesteps weigh less
+    assert float(trainer.train_step(batch)) == pytest.approx(float((losses * weights).mean()),
+                                                              rel=1e-5)
+    plain = Trainer(tiny_config(tmp_path / "b"))
+    assert torch.equal(plain.loss_weights(t), torch.ones(8))
+
+
+def test_snr_gamma_must_be_positive(capsys):
+    from imagic.cli import main
+
+    assert main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 2
+    assert "--snr-gamma must be a positive number" in capsys.readouterr().err

@@ -20,11 +20,14 @@ edit is not made yet. FRACTION is a fixed constant, not tuned per model or bench
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+from .errors import ModelError
 
 FRACTION = 0.75  # share of the sweep's alignment gain an η must reach to be a candidate
 DRAWS = 32  # (t, ε) pairs per denoising-error estimate
@@ -41,12 +44,14 @@ class AutoChoice:
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "eta": self.eta, "etas": self.etas,
-                "margins": [round(m, 6) for m in self.margins],
-                "distances": [round(d, 6) for d in self.distances]}
+                "margins": self.margins, "distances": self.distances}
 
 
 def choose(etas: Sequence[float], margins: Sequence[float], distances: Sequence[float]) -> float:
     """The rule above, on numbers alone."""
+    if not all(math.isfinite(x) for x in (*margins, *distances)):
+        raise ModelError("auto-η: the model's denoising error is not finite (NaN or inf): the "
+                         "weights or the precision are broken; pick η by hand with --eta")
     low = min(margins)
     gains = [m - low for m in margins]
     best = max(gains)

@@ -88,6 +88,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         ) from None
     if not seeds:
         raise argparse.ArgumentTypeError("give at least one seed")
+    seeds = tuple(dict.fromkeys(seeds))  # each seed once, in the order given
     if any(s < 0 or s >= 2**63 for s in seeds):
         raise argparse.ArgumentTypeError("seeds must be between 0 and 2^63 - 1")
     return seeds
@@ -307,10 +308,11 @@ def cmd_edit(args) -> int:
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
     results = editor.generate(session)
-    choices = choose_etas(backend, session, results) if args.eta == "auto" else None
-    # 3. Write: images, grid and manifest into --out; the session folder
+    # 3. Write: the session folder first (the costly part), then auto-η's scoring, then images,
+    #    grid and manifest into --out
     if session_dir is not None:
         session.save(session_dir)
+    choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     write_outputs(out, session, results, config.etas, config.seeds,
                   {"command": "edit", "image": str(Path(args.image).resolve()),
                    "session": str(session_dir) if session_dir else None}, choices)
@@ -383,7 +385,7 @@ def cmd_bench_shapes(args) -> int:
 def cmd_bench_tedbench(args) -> int:
     from .backends import resolve_device
     from .bench.tedbench import DEFAULT_CLIP, load_metrics, read_pairs, run
-    from .presets import get_preset
+    from .presets import DEFAULT_PRESET, get_preset
 
     # Check the data, the metric weights and the numbers before loading the model
     read_pairs(args.data)
@@ -393,8 +395,7 @@ def cmd_bench_tedbench(args) -> int:
     overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
                                    ("finetune_steps", args.finetune_steps),
                                    ("sample_steps", args.sample_steps)) if v is not None}
-    if args.preset is not None:
-        replace(get_preset(args.preset), **overrides)
+    replace(get_preset(args.preset or DEFAULT_PRESET), **overrides)  # impossible numbers fail now
     metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
     backend = _load(args, args.model)
     config = replace(get_preset(args.preset or backend.default_preset), **overrides)

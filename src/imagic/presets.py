@@ -85,16 +85,6 @@ PRESETS: dict[str, EditConfig] = {
     # lora_lr 1e-4 and rank 4 are the diffusers LoRA training scripts' defaults, not the paper's:
     # the paper fine-tunes every weight.
     "paper": EditConfig(),
-    # The embedded ShapesWorld model (2.5M-parameter pixel UNet, 32×32), tuned on the CPU so a
-    # whole edit takes about a minute on 2 cores (docs/models/shapes.md has the sweep):
-    # - K = 4 timesteps per step: 400 samples in stage 1 and 600 in stage 2 at batch 4, which a
-    #   CPU runs ~2.5× faster per sample than batch 1;
-    # - stage 1 lr 5e-2: the 64-wide embedding must move far enough from e_tgt that the
-    #   fine-tuned model still tells them apart (1e-2 left every η at the input's colour);
-    # - stage 2 lr 5e-5 for 150 steps: 1e-4 for 200 overfits (the text stops mattering), 5e-6
-    #   underfits (the background drifts);
-    # - η 0.8–1.2: on this model the edit appears from η ≈ 0.8, above the paper's SD range;
-    # - guidance 4: the model's training default, where its text-to-image accuracy was measured.
     # The paper's sample budget (1000 samples in stage 1, 1500 in stage 2) in fewer, larger
     # optimizer steps: K timesteps per step, as one batch, with the learning rate scaled by K so
     # that steps × lr (how far Adam can move) stays the paper's. On an H100 (../shared/perf,
@@ -105,8 +95,18 @@ PRESETS: dict[str, EditConfig] = {
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * 16, timesteps_per_step=16,
         finetune_steps=188, finetune_lr=5e-7 * 8, finetune_timesteps_per_step=8,
-        lora_lr=1e-4 * 8,
+        lora_lr=1e-4 * 8, aux_finetune_steps=188, aux_finetune_lr=5e-7 * 8,
     ),
+    # The embedded ShapesWorld model (2.5M-parameter pixel UNet, 32×32), tuned on the CPU so a
+    # whole edit takes about a minute on 2 cores (docs/models/shapes.md has the sweep):
+    # - K = 4 timesteps per step: 400 samples in stage 1 and 600 in stage 2 at batch 4, which a
+    #   CPU runs ~2.5× faster per sample than batch 1;
+    # - stage 1 lr 5e-2: the 64-wide embedding must move far enough from e_tgt that the
+    #   fine-tuned model still tells them apart (1e-2 left every η at the input's colour);
+    # - stage 2 lr 5e-5 for 150 steps: 1e-4 for 200 overfits (the text stops mattering), 5e-6
+    #   underfits (the background drifts);
+    # - η 0.8–1.2: on this model the edit appears from η ≈ 0.8, above the paper's SD range;
+    # - guidance 4: the model's training default, where its text-to-image accuracy was measured.
     "shapes": EditConfig(
         embed_steps=100, embed_lr=5e-2, finetune_steps=150, finetune_lr=5e-5,
         timesteps_per_step=4, etas=(0.8, 1.0, 1.2), seeds=(0, 1, 2), guidance=4.0,

@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 from ..auto_eta import AUTO_ETAS, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
+from ..errors import InputError
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
 from ..shapes.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render, sample_scene
+from . import check_same_run
 
 KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
@@ -131,16 +133,23 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
     then write the summary and the plot. Returns the CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
+    check_same_run(out, {"etas": list(etas), "strengths": list(strengths),
+                         "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict(),
+                         "model": {k: backend.identity.get(k)
+                                   for k in ("family", "fingerprint")}})
     path = out / "rows.csv"
-    done = {(int(r["case"]), int(r["seed"])) for r in read_rows(path)}
-    jobs = [(c, s) for c in cases for s in seeds if (c.index, s) not in done]
+    done = defaultdict(set)  # (case, seed) -> the methods already in the file
+    for r in read_rows(path):
+        done[(int(r["case"]), int(r["seed"]))].add(r["method"])
+    jobs = [(c, s, missing) for c in cases for s in dict.fromkeys(seeds)
+            if (missing := tuple(m for m in methods if m not in done[(c.index, s)]))]
     new_file = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        for case, seed in tqdm(jobs, desc="ShapesBench", unit="case", disable=quiet):
-            writer.writerows(run_case(backend, case, seed, config, etas, strengths, methods))
+        for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case", disable=quiet):
+            writer.writerows(run_case(backend, case, seed, config, etas, strengths, missing))
             f.flush()
             os.fsync(f.fileno())
     rows = read_rows(path)
@@ -152,13 +161,19 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key in ("success", "target", "kept", "pebbles"):
-            r[key] = int(r[key])
-        for key in ("param", "psnr", "ssim"):
-            r[key] = float(r[key])
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            for key in ("success", "target", "kept", "pebbles"):
+                r[key] = int(r[key])
+            for key in ("param", "psnr", "ssim"):
+                r[key] = float(r[key])
+            r["method"], r["case"], r["seed"] = str(r["method"]), int(r["case"]), int(r["seed"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path} is not a ShapesBench rows.csv of imagic, or was cut short "
+                         f"({type(err).__name__}: {err}): move it away or choose another "
+                         f"--out") from None
     return rows
 
 

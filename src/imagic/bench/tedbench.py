@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, ModelError
 from ..images import load_image, save_atomic, write_text_atomic
+from . import check_same_run
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
@@ -199,9 +200,12 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
     auto = etas == "auto"
     sweep = tuple(AUTO_ETAS if auto else etas)
     out.mkdir(parents=True, exist_ok=True)
+    check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict(),
+                         "model": {k: backend.identity.get(k)
+                                   for k in ("family", "fingerprint")}})
     path = out / "rows.csv"
-    done = {(int(r["pair"]), int(r["seed"])) for r in read_rows(path)}
-    jobs = [(p, s) for p in pairs for s in seeds if (p.index, s) not in done]
+    done = {(r["pair"], r["seed"]) for r in read_rows(path)}
+    jobs = [(p, s) for p in pairs for s in dict.fromkeys(seeds) if (p.index, s) not in done]
     new_file = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -213,22 +217,23 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
             editor = Imagic(backend, cfg, quiet=True)
             session = editor.fit(image, pair.text)
             results = editor.generate(session)
-            chosen = choose_etas(backend, session, results)[seed].eta if auto else None
             if keep_sessions:
                 session.save(out / "sessions" / f"{pair.slug}-seed{seed}")
+            chosen = choose_etas(backend, session, results)[seed].eta if auto else None
             images = [r.image for r in results]
             clip = metrics.clip(images, pair.text)
             fidelity = metrics.lpips_similarity(images, session.input_image)
             folder = out / "images" / pair.slug
             folder.mkdir(parents=True, exist_ok=True)
+            rows = []
             for r, c, lp in zip(results, clip, fidelity):
                 name = f"eta{r.eta:.2f}_seed{seed}.png"
                 save_atomic(r.image, folder / name)
-                writer.writerow({"pair": pair.index, "img_name": pair.img_name,
-                                 "text": pair.text, "seed": seed, "eta": r.eta,
-                                 "auto": int(r.eta == chosen), "clip_score": round(c, 4),
-                                 "lpips_similarity": round(lp, 4),
-                                 "file": f"images/{pair.slug}/{name}"})
+                rows.append({"pair": pair.index, "img_name": pair.img_name, "text": pair.text,
+                             "seed": seed, "eta": r.eta, "auto": int(r.eta == chosen),
+                             "clip_score": round(c, 4), "lpips_similarity": round(lp, 4),
+                             "file": f"images/{pair.slug}/{name}"})
+            writer.writerows(rows)  # all of a (pair, seed) at once: it is done or not started
             f.flush()
             os.fsync(f.fileno())
     rows = read_rows(path)
@@ -240,12 +245,17 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["pair"], r["seed"], r["auto"] = int(r["pair"]), int(r["seed"]), int(r["auto"])
-        for key in ("eta", "clip_score", "lpips_similarity"):
-            r[key] = float(r[key])
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["pair"], r["seed"], r["auto"] = int(r["pair"]), int(r["seed"]), int(r["auto"])
+            for key in ("eta", "clip_score", "lpips_similarity"):
+                r[key] = float(r[key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path} is not a TEdBench rows.csv of imagic, or was cut short "
+                         f"({type(err).__name__}: {err}): move it away or choose another "
+                         f"--out") from None
     return rows
 
 

@@ -252,7 +252,8 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
 
-    def train_step(self, batch: dict) -> torch.Tensor:
+    def sample_losses(self, batch: dict) -> torch.Tensor:
+        """Per-sample ‖ε − ε_θ(x_t, t, c)‖² (mean over pixels) of a batch, and its timesteps."""
         dev = self.device
         x0 = batch["images"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
         noise = batch["noise"].to(dev, non_blocking=True)
@@ -262,18 +263,25 @@ class Trainer:
         ids = ids.input_ids.to(dev, non_blocking=True)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
         if self.config.model.coord_channels:
             x_t = add_coordinates(x_t)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             hidden = self.text_encoder(ids)[0]
             prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        if self.config.snr_gamma is not None:
-            snr = self.alphas[t] / (1 - self.alphas[t])
-            loss = loss * snr.clamp(max=self.config.snr_gamma) / snr
-        loss = loss.mean()
+        return F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3)), t
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """1 per sample, or Min-SNR-γ's min(SNR(t), γ) / SNR(t)."""
+        if self.config.snr_gamma is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.alphas[t] / (1 - self.alphas[t])
+        return snr.clamp(max=self.config.snr_gamma) / snr
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        losses, t = self.sample_losses(batch)
+        loss = (losses * self.loss_weights(t)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
@@ -387,6 +395,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "seed": self.config.seed,
             "caption_dropout": self.config.caption_dropout,
+            "snr_gamma": self.config.snr_gamma,
             "model_config": self.config.model.to_dict(),
             "optimizer": optim_meta,
         }
@@ -402,6 +411,9 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         if state["model_config"] != self.config.model.to_dict():
             raise InputError(f"{path} was written for another model configuration")
+        if state.get("snr_gamma") != self.config.snr_gamma:
+            print(f"note: resuming with --snr-gamma {self.config.snr_gamma} "
+                  f"(checkpoint: {state.get('snr_gamma')})", file=sys.stderr)
         if state["batch_size"] != self.batch_size or state["seed"] != self.config.seed:
             print(f"note: resuming with batch size {self.batch_size} and seed {self.config.seed} "
                   f"(checkpoint: {state['batch_size']}, {state['seed']})", file=sys.stderr)
@@ -599,6 +611,8 @@ def cmd_train_shapes(args) -> int:
 
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
+        raise InputError(f"--snr-gamma must be a positive number, got {args.snr_gamma}")
     config = TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
