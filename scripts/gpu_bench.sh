@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The speed benchmark on one GPU: the one command run on a rented machine. From the repository
+# root, with $OUT set to a folder whose files come back:
+#   OUT=/tmp/out bash scripts/gpu_bench.sh
+# Runs benchmarks/gpu_edit.py (SD-1.5 shape, random weights: the paper's way against the `fast`
+# preset, one process; about 3 minutes on an H100). Knobs: PYTHON (default python3), DEVICE
+# (default cuda; DEVICE=cpu TINY=1 for a smoke test), REF_STEPS (default 30). Carry .whl/ when
+# the machine lacks diffusers. Returns in $OUT: log.txt and gpu_edit.json (commit it under
+# docs/perf/).
+set -euo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+: "${OUT:?set OUT to the folder whose files come back}"
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+echo "== setup $(date -u +%FT%TZ)"
+if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and importlib_metadata come as wheels
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD/src
+else
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L; fi
+
+echo "== gpu_edit $(date -u +%FT%TZ)"
+"$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-30}" \
+    ${TINY:+--tiny} --out "$OUT/gpu_edit.json"
+echo "== done $(date -u +%FT%TZ)"
