@@ -37,6 +37,8 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
         same = [r for r in rows if r["method"] == "imagic" and r["case"] == auto["case"]
                 and r["param"] == auto["param"]]
         assert [{**r, "method": "imagic-auto"} for r in same] == [auto]
+        assert auto["margin"] != "" and auto["distance"] != ""  # the signals behind the pick
+    assert all(r["margin"] == "" for r in rows if r["method"] not in ("imagic", "imagic-auto"))
     assert all(0 <= float(r["ssim"]) <= 1 and float(r["psnr"]) > 0 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| colour | imagic |" in summary and "| size | sdedit |" in summary
@@ -65,3 +67,14 @@ def test_methods_subset_runs_only_those_and_a_rerun_adds_missing_methods(tmp_pat
     (out / "rows.csv").write_text("not,a,bench\n1,2\n")
     assert main([*args, "--methods", "sdedit"]) == 2
     assert "not a ShapesBench rows.csv" in capsys.readouterr().err
+
+
+def test_from_case_holds_out_the_first_cases(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--cases", "3", "--from-case", "2", "--seeds", "0",
+                 "--methods", "text-only", "--sample-steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    with (out / "rows.csv").open() as f:
+        assert [r["case"] for r in csv.DictReader(f)] == ["2"]
+    assert main(["bench", "shapes", "--cases", "3", "--from-case", "3", "--out",
+                 str(tmp_path / "x")]) == 2

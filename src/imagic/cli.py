@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     shapes.add_argument("--cases", type=int, default=80, help="number of cases (default 80)")
+    shapes.add_argument("--from-case", type=int, default=0,
+                        help="skip the cases before this index (default 0), e.g. to hold out "
+                             "--from-case 16 --cases 32")
     shapes.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2), help="default 0,1,2")
     shapes.add_argument("--out", default="bench-shapes", help="output folder")
     shapes.add_argument("--model", help="a ShapesWorld model folder (default: the embedded one)")
@@ -362,6 +365,8 @@ def cmd_bench_shapes(args) -> int:
 
     if args.cases < 1:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
+    if not 0 <= args.from_case < args.cases:
+        raise InputError(f"--from-case must lie in [0, --cases), got {args.from_case}")
     out = check_out_dir(args.out)
     overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
                                    ("finetune_steps", args.finetune_steps),
@@ -373,7 +378,8 @@ def cmd_bench_shapes(args) -> int:
                          finetune_timesteps_per_step=None)
     config = replace(get_preset(args.preset), **overrides)
     backend = load_backend(args.model, device=args.device)
-    path = run(backend, out, make_cases(args.cases), args.seeds, config, etas=args.eta or ETAS,
+    cases = make_cases(args.cases)[args.from_case:]
+    path = run(backend, out, cases, args.seeds, config, etas=args.eta or ETAS,
                strengths=args.strengths or STRENGTHS, methods=args.methods or METHODS,
                quiet=args.quiet)
     if not args.quiet:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..auto_eta import AUTO_ETAS, choose_etas
+from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
 from ..errors import InputError
@@ -42,7 +42,9 @@ ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
-          "psnr", "ssim", "status", "text")
+          "psnr", "ssim", "status", "text", "margin", "distance")
+# margin, distance: auto-η's two signals for this output (imagic rows, when imagic-auto runs):
+# D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,21 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
     if {"imagic", "imagic-auto"} & set(methods):
         results = editor.generate(session)
         imagic_rows = [score(case, "imagic", r.eta, seed, r.image) for r in results]
+        if "imagic-auto" in methods:
+            # the signals of every output, then the choice among the η `--eta auto` sweeps
+            signals = choose_etas(backend, session, results)[seed]
+            for row, margin, distance in zip(imagic_rows, signals.margins, signals.distances):
+                row.update(margin=round(margin, 8), distance=round(distance, 6))
+            swept = [i for i, eta in enumerate(signals.etas) if eta in AUTO_ETAS]
+            swept = swept or list(range(len(signals.etas)))
+            eta = choose([signals.etas[i] for i in swept], [signals.margins[i] for i in swept],
+                         [signals.distances[i] for i in swept])
+            auto_row = {**next(r for r in imagic_rows if r["param"] == eta),
+                        "method": "imagic-auto"}
         if "imagic" in methods:
             rows += imagic_rows
-        if "imagic-auto" in methods:  # choose among the η that `--eta auto` sweeps
-            swept = [r for r in results if r.eta in AUTO_ETAS] or results
-            eta = choose_etas(backend, session, swept)[seed].eta
-            rows.append({**next(r for r in imagic_rows if r["param"] == eta),
-                         "method": "imagic-auto"})
+        if "imagic-auto" in methods:
+            rows.append(auto_row)
     if "no-finetune" in methods:
         untuned = replace(session, delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
         rows += [score(case, "no-finetune", r.eta, seed, r.image)
@@ -144,6 +154,12 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     jobs = [(c, s, missing) for c in cases for s in dict.fromkeys(seeds)
             if (missing := tuple(m for m in methods if m not in done[(c.index, s)]))]
     new_file = not path.exists()
+    if not new_file:
+        with path.open(newline="") as f:
+            header = tuple(next(csv.reader(f), ()))
+        if header != FIELDS:
+            raise InputError(f"{path} has the columns of another imagic version: choose another "
+                             f"--out (or move the file away)")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
@@ -169,6 +185,8 @@ def read_rows(path: Path) -> list[dict]:
                 r[key] = int(r[key])
             for key in ("param", "psnr", "ssim"):
                 r[key] = float(r[key])
+            for key in ("margin", "distance"):  # absent in files of older runs
+                r[key] = float(r[key]) if r.get(key) else None
             r["method"], r["case"], r["seed"] = str(r["method"]), int(r["case"]), int(r["seed"])
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path} is not a ShapesBench rows.csv of imagic, or was cut short "
