@@ -15,14 +15,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
 echo "== setup $(date -u +%FT%TZ)"
-if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and importlib_metadata come as wheels
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD/src
-else
-    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
-if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L; fi
+source scripts/device_env.sh
 
 echo "== gpu_edit $(date -u +%FT%TZ)"
 "$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-30}" \

@@ -21,20 +21,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
 echo "== setup $(date -u +%FT%TZ)"
-if ls .whl/*.whl >/dev/null 2>&1; then  # diffusers and importlib_metadata come as wheels
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD/src
-else
-    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
-if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L; fi
-"$PYTHON" - <<'PY'
-import os, platform, torch, diffusers, transformers
-print("python", platform.python_version(), "torch", torch.__version__, "diffusers",
-      diffusers.__version__, "transformers", transformers.__version__, "cpus", os.cpu_count())
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-PY
+source scripts/device_env.sh
 
 echo "== train $(date -u +%FT%TZ)"
 rm -rf "$RUN"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
@@ -19,3 +22,30 @@ def check_same_run(out: Path, settings: dict) -> None:
                              f"see {record}): choose another --out to compare")
     else:
         write_text_atomic(json.dumps(settings, indent=2) + "\n", record)
+
+
+def read_rows_csv(path: Path, convert: Callable[[dict], None], name: str) -> list[dict]:
+    """The rows of a benchmark's rows.csv, each typed in place by `convert`; one clear line
+    (InputError) for a file that is not one, or was cut short."""
+    if not path.exists():
+        return []
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            convert(row)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path} is not a {name} rows.csv of imagic, or was cut short "
+                         f"({type(err).__name__}: {err}): move it away or choose another "
+                         f"--out") from None
+    return rows
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG under a temporary name, then rename it into place."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

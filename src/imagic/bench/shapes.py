@@ -31,10 +31,11 @@ from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
 from ..errors import InputError
+from ..images import write_text_atomic
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
 from ..shapes.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render, sample_scene
-from . import check_same_run
+from . import check_same_run, read_rows_csv, save_figure
 
 KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
@@ -169,30 +170,22 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
             f.flush()
             os.fsync(f.fileno())
     rows = read_rows(path)
-    (out / "summary.md").write_text(summary(rows))
+    write_text_atomic(summary(rows), out / "summary.md")
     plot(rows, out / "tradeoff.png")
     return path
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            for key in ("success", "target", "kept", "pebbles"):
-                r[key] = int(r[key])
-            for key in ("param", "psnr", "ssim"):
-                r[key] = float(r[key])
-            for key in ("margin", "distance"):  # absent in files of older runs
-                r[key] = float(r[key]) if r.get(key) else None
-            r["method"], r["case"], r["seed"] = str(r["method"]), int(r["case"]), int(r["seed"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path} is not a ShapesBench rows.csv of imagic, or was cut short "
-                         f"({type(err).__name__}: {err}): move it away or choose another "
-                         f"--out") from None
-    return rows
+    def convert(r: dict) -> None:
+        for key in ("success", "target", "kept", "pebbles", "case", "seed"):
+            r[key] = int(r[key])
+        for key in ("param", "psnr", "ssim"):
+            r[key] = float(r[key])
+        for key in ("margin", "distance"):  # absent in files of older runs
+            r[key] = float(r[key]) if r.get(key) else None
+        r["method"] = str(r["method"])
+
+    return read_rows_csv(path, convert, "ShapesBench")
 
 
 def _curves(rows) -> dict:
@@ -308,7 +301,4 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=8)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, ModelError
 from ..images import load_image, save_atomic, write_text_atomic
-from . import check_same_run
+from . import check_same_run, read_rows_csv, save_figure
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
@@ -243,20 +243,13 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            r["pair"], r["seed"], r["auto"] = int(r["pair"]), int(r["seed"]), int(r["auto"])
-            for key in ("eta", "clip_score", "lpips_similarity"):
-                r[key] = float(r[key])
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path} is not a TEdBench rows.csv of imagic, or was cut short "
-                         f"({type(err).__name__}: {err}): move it away or choose another "
-                         f"--out") from None
-    return rows
+    def convert(r: dict) -> None:
+        for key in ("pair", "seed", "auto"):
+            r[key] = int(r[key])
+        for key in ("eta", "clip_score", "lpips_similarity"):
+            r[key] = float(r[key])
+
+    return read_rows_csv(path, convert, "TEdBench")
 
 
 def curve(rows) -> dict:
@@ -308,7 +301,4 @@ def plot(rows, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
