@@ -1,0 +1,78 @@
+"""Compare η-choosing rules offline on a ShapesBench rows.csv that holds auto-η's signals
+(`imagic bench shapes --methods imagic,imagic-auto`): per (case, seed), each rule sees only the
+margin and distance of every η in the --eta auto sweep; the detectors' verdicts judge the pick.
+
+    python scripts/auto_eta_rules.py runs/bench-auto-heldout/rows.csv
+
+Rules:
+- shipped: imagic.auto_eta.choose (closest to the input among the η reaching FRACTION of the
+  alignment gain);
+- earliest: the smallest η reaching FRACTION of the gain (no fidelity signal);
+- fixed η: one η for every case (the best one is chosen knowing the answers);
+- oracle: the best η per (case, seed), knowing the answers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
+from imagic.bench.shapes import KINDS, read_rows
+
+
+def earliest(etas, margins, distances):
+    low = min(margins)
+    best = max(m - low for m in margins)
+    return next(e for e, m in zip(etas, margins) if m - low >= FRACTION * best)
+
+
+def main(path: str) -> int:
+    every = read_rows(Path(path))
+    rows = [r for r in every if r["method"] == "imagic"
+            and r["param"] in AUTO_ETAS and r["margin"] is not None]
+    picked = {(r["case"], r["seed"]): r["param"] for r in every if r["method"] == "imagic-auto"}
+    agree = 0
+    sweeps = defaultdict(dict)
+    for r in rows:
+        sweeps[(r["case"], r["seed"])][r["param"]] = r
+    results = defaultdict(lambda: defaultdict(list))  # kind -> rule -> successes
+    for sweep in sweeps.values():
+        kind = next(iter(sweep.values()))["kind"]
+        etas = sorted(sweep)
+        margins = [sweep[e]["margin"] for e in etas]
+        distances = [sweep[e]["distance"] for e in etas]
+        key = (sweep[etas[0]]["case"], sweep[etas[0]]["seed"])
+        agree += picked.get(key) == choose(etas, margins, distances)
+        for name, rule in (("shipped", choose), ("earliest", earliest)):
+            success = sweep[rule(etas, margins, distances)]["success"]
+            for group in (kind, "all"):
+                results[group][name].append(success)
+        for group in (kind, "all"):
+            results[group]["oracle"].append(max(r["success"] for r in sweep.values()))
+            for eta in etas:
+                results[group][f"eta {eta:g}"].append(sweep[eta]["success"])
+    print(f"{path}: {len(sweeps)} (case, seed) pairs, η sweep {', '.join(map(str, AUTO_ETAS))}; "
+          f"the shipped rule re-applied here agrees with the run's imagic-auto rows on "
+          f"{agree} of {len(sweeps)}")
+    print("| kind | shipped rule | earliest | best fixed η | oracle | shipped / oracle | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for group in ("all", *KINDS):
+        res = results.get(group)
+        if not res:
+            continue
+
+        def rate(name, res=res):
+            return sum(res[name]) / len(res[name])
+
+        fixed = max((k for k in res if k.startswith("eta ")), key=rate)
+        ratio = rate("shipped") / rate("oracle") if rate("oracle") else float("nan")
+        print(f"| {group} | {100 * rate('shipped'):.1f}% | {100 * rate('earliest'):.1f}% | "
+              f"{100 * rate(fixed):.1f}% ({fixed}) | {100 * rate('oracle'):.1f}% | {ratio:.2f} | "
+              f"{len(res['oracle'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
