@@ -7,7 +7,7 @@
 # BATCH (default 256), DEVICE (default cuda; DEVICE=cpu for a smoke test), SAMPLES (default 500),
 # EVAL_STEPS (default 50), GUIDANCE_SWEEP (extra guidance scales to score, default "2 7"),
 # PYTHON (default python3), RUN (work folder, default /tmp/run), INIT_FROM (an exported model
-# folder to start from).
+# folder to start from), SNR_GAMMA (Min-SNR-γ loss weighting, e.g. 5).
 # Returns in $OUT (7 files): log.txt, train_log.jsonl, the last sample grid, shapes-32.tar (the
 # exported model folder as shapes-32/, ready to untar into src/imagic/assets/), eval.json (the
 # bar, default guidance) and eval_guidance{2,7}.json.
@@ -28,6 +28,7 @@ rm -rf "$RUN"
 "$PYTHON" -m imagic.shapes.train train-shapes --out "$RUN" --device "$DEVICE" \
     --max-minutes "${MINUTES:-7}" --steps "${STEPS:-100000}" \
     ${BATCH:+--batch-size "$BATCH"} ${INIT_FROM:+--init-from "$INIT_FROM"} \
+    ${SNR_GAMMA:+--snr-gamma "$SNR_GAMMA"} \
     --checkpoint-every 2000 --sample-every 2000
 cp "$RUN/train_log.jsonl" "$OUT/"
 cp "$(ls "$RUN"/samples/step_*.png | sort | tail -n 1)" "$OUT/"
