@@ -78,3 +78,21 @@ def test_from_case_holds_out_the_first_cases(tmp_path):
         assert [r["case"] for r in csv.DictReader(f)] == ["2"]
     assert main(["bench", "shapes", "--cases", "3", "--from-case", "3", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_rows_file_with_other_columns_is_refused_and_commits_are_whole(tmp_path):
+    import pytest
+
+    from imagic.bench import append_rows
+    from imagic.errors import InputError
+
+    path = tmp_path / "rows.csv"
+    with append_rows(path, ("a", "b")) as commit:
+        commit([{"a": 1, "b": 2}, {"a": 3, "b": 4}])
+    assert path.read_text().splitlines() == ["a,b", "1,2", "3,4"]
+    with append_rows(path, ("a", "b")) as commit:  # appending keeps one header
+        commit([{"a": 5, "b": 6}])
+    assert path.read_text().splitlines()[-1] == "5,6" and path.read_text().count("a,b") == 1
+    with pytest.raises(InputError, match="columns of another imagic version"), \
+            append_rows(path, ("a", "b", "c")):
+        pass

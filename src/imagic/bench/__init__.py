@@ -5,16 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError
 from ..images import write_text_atomic
 
 
-def check_same_run(out: Path, settings: dict) -> None:
+def check_same_run(out: Path, settings: dict, backend) -> None:
     """A folder holds one sweep of one model and recipe: resuming with other settings would mix
-    them in the summary, so it is refused (OUT/run.json records them)."""
+    them in the summary, so it is refused (OUT/run.json records them with the model's identity)."""
+    model = {k: backend.identity.get(k) for k in ("family", "fingerprint")}
+    settings = {**settings, "model": model}
     record = out / "run.json"
     if record.exists():
         if json.loads(record.read_text()) != json.loads(json.dumps(settings)):
@@ -22,6 +25,30 @@ def check_same_run(out: Path, settings: dict) -> None:
                              f"see {record}): choose another --out to compare")
     else:
         write_text_atomic(json.dumps(settings, indent=2) + "\n", record)
+
+
+@contextmanager
+def append_rows(path: Path, fields: tuple[str, ...]) -> Iterator[Callable[[list[dict]], None]]:
+    """Open a benchmark's rows.csv for appending (header written when new, refused when the file
+    has other columns); yields `commit(rows)`, which writes one finished unit of rows and syncs
+    it to disk, so a stopped run resumes from whole units."""
+    new_file = not path.exists()
+    if not new_file:
+        with path.open(newline="") as f:
+            if tuple(next(csv.reader(f), ())) != fields:
+                raise InputError(f"{path} has the columns of another imagic version: choose "
+                                 f"another --out (or move the file away)")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+
+        def commit(rows: list[dict]) -> None:
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+        yield commit
 
 
 def read_rows_csv(path: Path, convert: Callable[[dict], None], name: str) -> list[dict]:

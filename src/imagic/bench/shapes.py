@@ -16,8 +16,6 @@ fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds
 
 from __future__ import annotations
 
-import csv
-import os
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +28,11 @@ from tqdm.auto import tqdm
 from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
-from ..errors import InputError
 from ..images import write_text_atomic
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
 from ..shapes.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render, sample_scene
-from . import check_same_run, read_rows_csv, save_figure
+from . import append_rows, check_same_run, read_rows_csv, save_figure
 
 KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
@@ -145,30 +142,16 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     then write the summary and the plot. Returns the CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
     check_same_run(out, {"etas": list(etas), "strengths": list(strengths),
-                         "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict(),
-                         "model": {k: backend.identity.get(k)
-                                   for k in ("family", "fingerprint")}})
+                         "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict()}, backend)
     path = out / "rows.csv"
     done = defaultdict(set)  # (case, seed) -> the methods already in the file
     for r in read_rows(path):
-        done[(int(r["case"]), int(r["seed"]))].add(r["method"])
+        done[(r["case"], r["seed"])].add(r["method"])
     jobs = [(c, s, missing) for c in cases for s in dict.fromkeys(seeds)
             if (missing := tuple(m for m in methods if m not in done[(c.index, s)]))]
-    new_file = not path.exists()
-    if not new_file:
-        with path.open(newline="") as f:
-            header = tuple(next(csv.reader(f), ()))
-        if header != FIELDS:
-            raise InputError(f"{path} has the columns of another imagic version: choose another "
-                             f"--out (or move the file away)")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+    with append_rows(path, FIELDS) as commit:
         for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case", disable=quiet):
-            writer.writerows(run_case(backend, case, seed, config, etas, strengths, missing))
-            f.flush()
-            os.fsync(f.fileno())
+            commit(run_case(backend, case, seed, config, etas, strengths, missing))
     rows = read_rows(path)
     write_text_atomic(summary(rows), out / "summary.md")
     plot(rows, out / "tradeoff.png")

@@ -14,9 +14,7 @@ rows.csv as each (pair, seed) finishes, so a stopped run resumes where it was.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, ModelError
 from ..images import load_image, save_atomic, write_text_atomic
-from . import check_same_run, read_rows_csv, save_figure
+from . import append_rows, check_same_run, read_rows_csv, save_figure
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
@@ -200,17 +198,11 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
     auto = etas == "auto"
     sweep = tuple(AUTO_ETAS if auto else etas)
     out.mkdir(parents=True, exist_ok=True)
-    check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict(),
-                         "model": {k: backend.identity.get(k)
-                                   for k in ("family", "fingerprint")}})
+    check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict()}, backend)
     path = out / "rows.csv"
     done = {(r["pair"], r["seed"]) for r in read_rows(path)}
     jobs = [(p, s) for p in pairs for s in dict.fromkeys(seeds) if (p.index, s) not in done]
-    new_file = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+    with append_rows(path, FIELDS) as commit:
         for pair, seed in tqdm(jobs, desc="TEdBench", unit="pair", disable=quiet):
             image = load_image(pair.path)
             cfg = replace(config, seed=seed, etas=sweep, seeds=(seed,))
@@ -233,9 +225,7 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
                              "seed": seed, "eta": r.eta, "auto": int(r.eta == chosen),
                              "clip_score": round(c, 4), "lpips_similarity": round(lp, 4),
                              "file": f"images/{pair.slug}/{name}"})
-            writer.writerows(rows)  # all of a (pair, seed) at once: it is done or not started
-            f.flush()
-            os.fsync(f.fileno())
+            commit(rows)  # all of a (pair, seed) at once: it is done or not started
     rows = read_rows(path)
     write_text_atomic(summary(rows), out / "summary.md")
     plot(rows, out / "curve.png")
