@@ -20,7 +20,9 @@ from imagic.shapes import (
     caption,
     compare,
     detect,
+    find_pebbles,
     label_components,
+    match_pebbles,
     object_coverage,
     object_mask,
     parse_caption,
@@ -290,6 +292,51 @@ def test_several_objects_on_two_object_images() -> None:
         assert result.shape is None
     single = sample_scene(3)
     assert np.array_equal(render_many([single]), render(single))
+
+
+def _pebble_centres(scene: Scene) -> list[tuple[float, float]]:
+    return [(x, y) for x, y, _ in scene.pebbles]
+
+
+def test_pebble_detector_finds_exactly_the_pebbles_on_renders(
+    scenes: list[Scene], images: np.ndarray
+) -> None:
+    exact = 0
+    for scene, image in zip(scenes, images):
+        found = find_pebbles(image, object_mask(scene))
+        matched, added = match_pebbles(_pebble_centres(scene), found)
+        exact += matched == len(scene.pebbles) and added == 0
+    assert exact >= 0.99 * len(scenes)
+
+
+def test_pebble_detector_sees_missing_moved_and_noisy_pebbles() -> None:
+    rng = np.random.default_rng(2)
+    for seed in range(40):
+        scene = sample_scene(seed)
+        centres, mask = _pebble_centres(scene), object_mask(scene)
+        # none on the bare gradient, even with noise heavier than the world's
+        bare = scene.replace(pebbles=())
+        assert find_pebbles(_noisy(render(bare), 6.0, rng), mask) == []
+        assert match_pebbles(centres, []) == (0, 0)
+        # all of them through mild noise
+        found = find_pebbles(_noisy(render(scene), 6.0, rng), mask)
+        assert match_pebbles(centres, found) == (len(centres), 0)
+        # one moved by 3 px (to a free place): it is not kept, and it counts as a new pebble
+        x, y, r = scene.pebbles[0]
+        x = x + 3 if x < 16 else x - 3
+        moved = scene.replace(pebbles=((x, y, r), *scene.pebbles[1:]))
+        if any(math.hypot(x - ox, y - oy) < 4 for ox, oy in centres[1:]) or \
+                not pebbles_clear_of(moved):
+            continue
+        found = find_pebbles(render(moved), object_mask(moved))
+        assert match_pebbles(centres, found) == (len(centres) - 1, 1)
+
+
+def test_pebble_detector_ignores_the_object() -> None:
+    for colour in COLOURS:  # dark blue or purple objects are not pebbles
+        scene = sample_scene(5, colour=colour)
+        found = find_pebbles(render(scene), object_mask(scene))
+        assert match_pebbles(_pebble_centres(scene), found)[1] == 0
 
 
 def test_compare_handles_dicts_and_failed_detections() -> None:

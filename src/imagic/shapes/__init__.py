@@ -5,7 +5,15 @@ scored exactly: every image comes from a :class:`Scene` whose attributes (shape,
 position) are known, and :func:`detect` reads those attributes back from any image.
 """
 
-from .detect import Detection, attributes_of, compare, detect, label_components
+from .detect import (
+    Detection,
+    attributes_of,
+    compare,
+    detect,
+    find_pebbles,
+    label_components,
+    match_pebbles,
+)
 from .world import (
     ATTRIBUTES,
     COLOUR_HUES,
@@ -47,7 +55,9 @@ __all__ = [
     "caption",
     "compare",
     "detect",
+    "find_pebbles",
     "label_components",
+    "match_pebbles",
     "object_coverage",
     "object_mask",
     "parse_caption",

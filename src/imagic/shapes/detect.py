@@ -216,3 +216,73 @@ def compare(detection: Detection, expected: Scene | dict[str, Any]) -> dict[str,
         for a in ATTRIBUTES
         if target.get(a) is not None
     }
+
+
+# --------------------------------------------------------------------------- pebbles
+
+# A pebble is dark: value 0.12-0.22 on a background of value 0.3-0.6 (world.py), so its pixels
+# are at most ~73% as bright as the background there, typically ~40%; the noise moves a pixel by
+# at most ~6%.  A pixel is "dark" below DARK_RATIO of the background plane's luminance; a pebble
+# is a dark component whose darkest pixel is at least PEBBLE_DEPTH below the plane and whose
+# summed darkness is at least PEBBLE_MASS (a pebble covers 3-7 px, a noise speck one).
+DARK_RATIO = 0.85
+PEBBLE_DEPTH = 0.2
+PEBBLE_MASS = 0.5
+# An output keeps a pebble when it has one within this distance (px) of the input's.
+PEBBLE_MATCH_PX = 1.5
+
+
+def _luminance(image: np.ndarray) -> np.ndarray:
+    rgb = image.astype(np.float64)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """Centres (x, y) in pixels of the dark pebbles in a (32, 32, 3) uint8 RGB image.
+
+    The background is a linear gradient, so its luminance is fitted by a plane (least squares,
+    refitted once without the pixels far below it); a pebble is a component of pixels darker
+    than DARK_RATIO of the plane.  ``exclude`` masks pixels to ignore (the objects: a dark
+    purple or blue shape is no pebble).
+    """
+    image = np.asarray(image)
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {image.shape}")
+    luma = _luminance(image)
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
+    design = np.stack([np.ones_like(xs), xs, ys], axis=-1)
+    use = np.ones(luma.shape, bool) if exclude is None else ~dilate(exclude)
+    for _ in range(2):
+        coef, *_ = np.linalg.lstsq(design[use], luma[use], rcond=None)
+        plane = np.maximum(design @ coef, 1.0)
+        use &= luma > DARK_RATIO * plane
+    darkness = np.clip(1.0 - luma / plane, 0.0, None)  # 0 on the background, ~0.6 on a pebble
+    dark = luma < DARK_RATIO * plane
+    if exclude is not None:
+        dark &= ~dilate(exclude)
+    labels, n = label_components(dark)
+    found = []
+    for i in range(1, n + 1):
+        w = np.where(labels == i, darkness, 0.0)
+        if w.max() >= PEBBLE_DEPTH and w.sum() >= PEBBLE_MASS:  # darkness-weighted centre, in the world's pixel coordinates
+            found.append((float((w * xs).sum() / w.sum()) + 0.5,
+                          float((w * ys).sum() / w.sum()) + 0.5))
+    return found
+
+
+def match_pebbles(
+    expected: list[tuple[float, float]], found: list[tuple[float, float]]
+) -> tuple[int, int]:
+    """(how many of ``expected`` have a found pebble within PEBBLE_MATCH_PX, how many found
+    pebbles match none of ``expected``): greedy nearest pairs, each used once."""
+    pairs = sorted(
+        (math.hypot(ex - fx, ey - fy), i, j)
+        for i, (ex, ey) in enumerate(expected)
+        for j, (fx, fy) in enumerate(found)
+    )
+    used_e, used_f = set(), set()
+    for dist, i, j in pairs:
+        if dist <= PEBBLE_MATCH_PX and i not in used_e and j not in used_f:
+            used_e.add(i)
+            used_f.add(j)
+    return len(used_e), len(found) - len(used_f)

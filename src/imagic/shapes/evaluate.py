@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .detect import compare, detect, dilate
-from .world import ATTRIBUTES, random_caption_and_scene
+from .detect import compare, detect, dilate, find_pebbles, match_pebbles
+from .world import ATTRIBUTES, IMAGE_SIZE, random_caption_and_scene
 
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance of the grids and of the accuracy bar
 BAR_ALL = 0.90  # fraction of samples with every attribute right
@@ -113,29 +113,34 @@ def check_edit(image, source, target: dict) -> dict:
 
     `source` is the input Scene; `target` the attributes the text asked for (e.g. {"colour":
     "blue"}). Returns: target (every asked attribute reads as asked), kept (every other
-    attribute reads as in the input), pebbles (the input's pebbles, where no object covers them,
-    are still there: mean absolute difference under 25 of 255 levels), background_psnr (dB,
-    outside the input's object and the detected object), and the detection itself.
+    attribute reads as in the input), pebbles (the input's pebbles are where they were and
+    there are no new ones: every pebble of the input outside the objects has a pebble of the
+    output within 1.5 px, and the output has no other; `find_pebbles`), pebbles_found and
+    pebbles_added (the counts behind it), background_psnr (dB, outside the input's object and
+    the detected object), background_ssim, and the detection itself.
     """
-    from .world import object_mask, pebble_mask, render
+    from .world import object_mask, render
 
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
     wanted = {**source.attributes, **target}
     right = compare(found, wanted)
-    outside = ~(object_mask(source) | dilate(found.mask))  # generated edges are soft
+    objects = object_mask(source) | dilate(found.mask)  # generated edges are soft
+    outside = ~objects
     original = render(source).astype(np.float64)
     diff = (array.astype(np.float64) - original)[outside]
     mse = float(np.mean(diff**2)) if diff.size else 0.0
-    pebbles = pebble_mask(source) & outside
-    pebble_error = float(np.abs(array.astype(np.float64) - original)[pebbles].mean()) if \
-        pebbles.any() else 0.0
+    expected = [(x, y) for x, y, _ in source.pebbles
+                if not objects[min(int(y), IMAGE_SIZE - 1), min(int(x), IMAGE_SIZE - 1)]]
+    matched, added = match_pebbles(expected, find_pebbles(array, objects))
     return {
         "status": found.status,
         "detected": found.attributes,
         "target": all(right[k] for k in target),
         "kept": all(v for k, v in right.items() if k not in target),
-        "pebbles": pebble_error < 25.0,
+        "pebbles": matched == len(expected) and added == 0,
+        "pebbles_found": matched,
+        "pebbles_added": added,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
         "background_ssim": masked_ssim(array, original, outside),
     }
