@@ -50,7 +50,8 @@ def main() -> int:
               f"new, background PSNR {c['background_psnr']:.1f} dB")
     n = len(manifest["images"])
     print(f"target read {counts['target']}/{n}; with the other attributes kept "
-          f"{counts['target_and_kept']}/{n}; and the pebbles kept too {counts['all_and_pebbles']}/{n}")
+          f"{counts['target_and_kept']}/{n}; and the pebbles kept too "
+          f"{counts['all_and_pebbles']}/{n}")
     return 0
 
 

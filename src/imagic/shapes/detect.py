@@ -264,7 +264,8 @@ def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[t
     found = []
     for i in range(1, n + 1):
         w = np.where(labels == i, darkness, 0.0)
-        if w.max() >= PEBBLE_DEPTH and w.sum() >= PEBBLE_MASS:  # darkness-weighted centre, in the world's pixel coordinates
+        if w.max() >= PEBBLE_DEPTH and w.sum() >= PEBBLE_MASS:
+            # darkness-weighted centre, in the world's pixel coordinates (pixel i spans i..i+1)
             found.append((float((w * xs).sum() / w.sum()) + 0.5,
                           float((w * ys).sum() / w.sum()) + 0.5))
     return found
