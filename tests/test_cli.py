@@ -64,13 +64,14 @@ def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
     assert np.abs(a - b).max() <= 2
 
 
-def test_edit_with_lora_and_pad(capsys, tmp_path, tiny_model_dir, photo_path):
+def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, photo_path):
     out = tmp_path / "out"
     code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
                        "--finetune", "lora", "--lora-rank", "2", "--pad", "--eta", "1",
-                       "--out", out, "--session", tmp_path / "s", *FAST)
+                       "--sampler", "dpm++", "--out", out, "--session", tmp_path / "s", *FAST)
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["delta"]["kind"] == "lora"
+    assert json.loads((out / "manifest.json").read_text())["config"]["sampler"] == "dpm++"
     assert (out / "eta1.00_seed0.png").exists()
 
 

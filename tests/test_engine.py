@@ -10,6 +10,7 @@ import torch
 from conftest import make_photo
 from imagic import EditConfig, EditSession, Imagic, SessionError, load_backend
 from imagic.editor import finetune, interpolate, optimize_embedding
+from imagic.errors import InputError
 from imagic.images import to_square
 
 QUICK = EditConfig(embed_steps=30, embed_lr=5e-2, finetune_steps=30, finetune_lr=2e-3,
@@ -179,3 +180,27 @@ def test_damaged_session_gives_one_line(tmp_path):
         EditSession.load(tmp_path / "s")
     with pytest.raises(SessionError, match="not an imagic session"):
         EditSession.load(tmp_path)
+
+
+def test_dpm_solver_sampler_is_reproducible_batch_invariant_and_not_ddim(backend):
+    editor = Imagic(backend, replace(QUICK, embed_steps=2, finetune_steps=2), quiet=True)
+    session = editor.fit(make_photo(), TEXT)
+    dpm = pixels(editor.generate(session, etas=[0.0, 1.0], seeds=[0], sampler="dpm++"))
+    again = pixels(editor.generate(session, etas=[1.0], seeds=[0], sampler="dpm++"))
+    ddim = pixels(editor.generate(session, etas=[1.0], seeds=[0]))
+    assert np.array_equal(dpm[1], again[0])  # same seed, alone or in a batch: the same image
+    assert not np.array_equal(dpm[1], ddim[0])  # the session's default stays DDIM
+    # a session saved with the sampler in its config renders with it
+    dpm_session = replace(session, config=replace(session.config, sampler="dpm++"))
+    assert np.array_equal(pixels(editor.generate(dpm_session, etas=[1.0], seeds=[0]))[0], dpm[1])
+    # SDEdit's partial schedule runs on it too
+    cond, uncond = backend.encode_text([TEXT]), backend.encode_text([""])
+    x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
+    out = backend.sample(cond, uncond, [torch.Generator().manual_seed(0)], 4, 7.5, x0=x0,
+                         strength=0.5, sampler="dpm++")
+    assert out[0].size == (backend.resolution, backend.resolution)
+
+
+def test_unknown_sampler_is_refused_in_one_line():
+    with pytest.raises(InputError, match="sampler must be one of ddim, dpm\\+\\+"):
+        replace(QUICK, sampler="euler")

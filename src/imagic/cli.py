@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import ImagicError, InputError
+from .presets import SAMPLERS
 
 EDIT_EXAMPLE = """example:
   imagic edit dog.png "a photo of a sitting dog" \\
@@ -128,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "pick one per seed, written as auto_seedS.png)")
         p.add_argument("--seeds", type=parse_seeds, help="sampling seeds: 0,1,2 or 0:3")
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-        p.add_argument("--sample-steps", type=int, help="DDIM sampling steps")
+        p.add_argument("--sample-steps", type=int, help="sampling steps (the preset's: 50)")
+        p.add_argument("--sampler", choices=SAMPLERS,
+                       help="stage 3's solver: ddim (the paper's, default) or dpm++ "
+                            "(DPM-Solver++ 2M: use ~20 steps)")
         p.add_argument("--out", default="imagic-out", help="output folder (default: imagic-out)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -214,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--finetune-lr", type=float, help="override the preset's stage 2 lr")
     shapes.add_argument("--timesteps-per-step", type=int,
                         help="override the preset's K (both stages)")
-    shapes.add_argument("--sample-steps", type=int, help="override the preset's DDIM steps")
+    shapes.add_argument("--sample-steps", type=int, help="override the preset's sampling steps")
+    shapes.add_argument("--sampler", choices=SAMPLERS, help="override the preset's sampler")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(func=cmd_bench_shapes)
@@ -246,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save each fitted session under OUT/sessions/")
     ted.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
     ted.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
-    ted.add_argument("--sample-steps", type=int, help="override the preset's DDIM steps")
+    ted.add_argument("--sample-steps", type=int, help="override the preset's sampling steps")
+    ted.add_argument("--sampler", choices=SAMPLERS, help="override the preset's sampler")
     ted.add_argument("--quiet", action="store_true", help="no progress bar")
     ted.set_defaults(func=cmd_bench_tedbench)
 
@@ -264,6 +270,7 @@ CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
     "lora_lr": "lora_lr", "timesteps_per_step": "timesteps_per_step",
     "finetune_timesteps_per_step": "finetune_timesteps_per_step", "seed": "seed",
     "eta": "etas", "seeds": "seeds", "guidance": "guidance", "sample_steps": "sample_steps",
+    "sampler": "sampler",
 }
 
 
@@ -335,7 +342,8 @@ def cmd_generate(args) -> int:
     editor = Imagic(backend, session.config, quiet=args.quiet)
     etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
     seeds = args.seeds or session.config.seeds
-    results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps)
+    results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps,
+                              args.sampler)
     choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     write_outputs(out, session, results, etas, seeds,
                   {"command": "generate", "session": str(Path(args.session).resolve())},
@@ -372,7 +380,8 @@ def cmd_bench_shapes(args) -> int:
                                    ("finetune_steps", args.finetune_steps),
                                    ("embed_lr", args.embed_lr),
                                    ("finetune_lr", args.finetune_lr),
-                                   ("sample_steps", args.sample_steps)) if v is not None}
+                                   ("sample_steps", args.sample_steps),
+                                   ("sampler", args.sampler)) if v is not None}
     if args.timesteps_per_step is not None:
         overrides.update(timesteps_per_step=args.timesteps_per_step,
                          finetune_timesteps_per_step=None)
@@ -400,7 +409,8 @@ def cmd_bench_tedbench(args) -> int:
     out = check_out_dir(args.out)
     overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
                                    ("finetune_steps", args.finetune_steps),
-                                   ("sample_steps", args.sample_steps)) if v is not None}
+                                   ("sample_steps", args.sample_steps),
+                                   ("sampler", args.sampler)) if v is not None}
     replace(get_preset(args.preset or DEFAULT_PRESET), **overrides)  # impossible numbers fail now
     metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
     backend = _load(args, args.model)

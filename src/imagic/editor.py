@@ -118,6 +118,7 @@ def generate(
     guidance: float | None = None,
     sample_steps: int | None = None,
     quiet: bool = False,
+    sampler: str | None = None,
 ) -> list[EditImage]:
     """Stage 3: sample with θ' = θ + delta at ē(η) for every (seed, η), in batches.
 
@@ -131,7 +132,8 @@ def generate(
         seeds=tuple(config.seeds if seeds is None else seeds),
         guidance=config.guidance if guidance is None else guidance,
         sample_steps=config.sample_steps if sample_steps is None else sample_steps,
-    )  # replace() re-runs the checks on η, seeds, guidance and steps
+        sampler=config.sampler if sampler is None else sampler,
+    )  # replace() re-runs the checks on η, seeds, guidance, steps and sampler
     session.check_model(backend)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
     uncond = backend.encode_text([""])
@@ -145,7 +147,8 @@ def generate(
             conds = TextCond.cat([interpolate(e_tgt, e_opt, eta) for _, eta in chunk])
             generators = [torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk]
             images = backend.sample(
-                conds, uncond, generators, config.sample_steps, config.guidance
+                conds, uncond, generators, config.sample_steps, config.guidance,
+                sampler=config.sampler,
             )
             results += [EditImage(eta, seed, img) for (seed, eta), img in zip(chunk, images)]
             bar.update(len(chunk))
@@ -219,11 +222,13 @@ class Imagic:
         seeds: Sequence[int] | None = None,
         guidance: float | None = None,
         sample_steps: int | None = None,
+        sampler: str | None = None,
     ) -> list[EditImage]:
         """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
         start = time.perf_counter()
         images = generate(
-            self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet
+            self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
+            sampler=sampler,
         )
         session.timings["generate_s"] = time.perf_counter() - start
         return images

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import InputError
 
+SAMPLERS = ("ddim", "dpm++")  # stage 3's solvers (backends/diffusers_unet.make_sampler)
+
 
 @dataclass(frozen=True)
 class EditConfig:
@@ -31,7 +33,8 @@ class EditConfig:
     etas: tuple[float, ...] = (0.6, 0.7, 0.8)  # η: ē = η·e_tgt + (1−η)·e_opt
     seeds: tuple[int, ...] = (0,)  # one image per (η, seed); the seed fixes the initial noise
     guidance: float = 7.5  # classifier-free guidance scale
-    sample_steps: int = 50  # DDIM steps
+    sample_steps: int = 50  # sampler steps
+    sampler: str = "ddim"  # "ddim" (the paper's) or "dpm++" (DPM-Solver++ 2M, fewer steps)
     sample_batch: int = 8  # images per sampling call
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ def check_config(config: EditConfig) -> None:
     if config.finetune_timesteps_per_step is not None and config.finetune_timesteps_per_step < 1:
         raise InputError("finetune_timesteps_per_step must be at least 1, got "
                          f"{config.finetune_timesteps_per_step}")
+    if config.sampler not in SAMPLERS:
+        raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {config.sampler!r}")
     if config.finetune not in ("full", "lora"):
         raise InputError(f"finetune must be 'full' or 'lora', got {config.finetune!r}")
     if not config.etas:

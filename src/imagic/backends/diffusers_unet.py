@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import ModelError
+from ..presets import SAMPLERS
 from .base import Delta, TextCond
 
 # The attention projections that diffusers' LoRA training scripts adapt.
@@ -184,10 +185,8 @@ class UNetBackend:
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0):
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self.sampler_config)
+               strength=1.0, sampler="ddim"):
+        scheduler = make_sampler(sampler, self.sampler_config)
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
         n = len(generators)
@@ -226,6 +225,21 @@ class UNetBackend:
             "text_embedding": self.text_encoder.config.hidden_size,
             "parameters": self.parameter_counts(),
         }
+
+
+def make_sampler(name: str, config):
+    """A fresh diffusers scheduler for stage 3, on the model's own noise schedule: "ddim" (the
+    paper's sampler, deterministic) or "dpm++" (DPMSolverMultistepScheduler, DPM-Solver++ 2M,
+    Lu et al. 2022, deterministic; diffusers' recommended fast solver for Stable Diffusion)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
 
 
 def _count(module: torch.nn.Module) -> int:

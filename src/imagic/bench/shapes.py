@@ -127,11 +127,12 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
     cond, uncond = backend.encode_text([text]), backend.encode_text([""])
     for strength in strengths if "sdedit" in methods else ():
         out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
-                             config.sample_steps, config.guidance, x0=x0, strength=strength)
+                             config.sample_steps, config.guidance, x0=x0, strength=strength,
+                             sampler=config.sampler)
         rows.append(score(case, "sdedit", strength, seed, out[0]))
     if "text-only" in methods:
         out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
-                             config.sample_steps, config.guidance)
+                             config.sample_steps, config.guidance, sampler=config.sampler)
         rows.append(score(case, "text-only", 0.0, seed, out[0]))
     return rows
 
