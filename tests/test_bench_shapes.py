@@ -96,3 +96,26 @@ def test_rows_file_with_other_columns_is_refused_and_commits_are_whole(tmp_path)
     with pytest.raises(InputError, match="columns of another imagic version"), \
             append_rows(path, ("a", "b", "c")):
         pass
+
+
+def test_a_run_recorded_before_a_config_field_existed_still_resumes(tmp_path):
+    import json
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import pytest
+
+    from imagic.bench import check_same_run
+    from imagic.errors import InputError
+    from imagic.presets import get_preset
+
+    backend = SimpleNamespace(identity={"family": "pixel-cascade", "fingerprint": "abc"})
+    config = get_preset("shapes")
+    check_same_run(tmp_path, {"etas": [0.5], "config": config.to_dict()}, backend)
+    record = json.loads((tmp_path / "run.json").read_text())
+    del record["config"]["sampler"]  # as written by a version without the field
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    check_same_run(tmp_path, {"etas": [0.5], "config": config.to_dict()}, backend)
+    with pytest.raises(InputError, match="other settings"):  # the default is what it ran with
+        check_same_run(tmp_path, {"etas": [0.5],
+                                  "config": replace(config, sampler="dpm++").to_dict()}, backend)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..images import write_text_atomic
+from ..presets import EditConfig
 
 
 def check_same_run(out: Path, settings: dict, backend) -> None:
@@ -20,7 +21,10 @@ def check_same_run(out: Path, settings: dict, backend) -> None:
     settings = {**settings, "model": model}
     record = out / "run.json"
     if record.exists():
-        if json.loads(record.read_text()) != json.loads(json.dumps(settings)):
+        stored = json.loads(record.read_text())
+        if isinstance(stored.get("config"), dict):  # fields added since take their defaults
+            stored["config"] = EditConfig.from_dict(stored["config"]).to_dict()
+        if json.loads(json.dumps(stored)) != json.loads(json.dumps(settings)):
             raise InputError(f"{out} holds a run with other settings (sweep, recipe or model; "
                              f"see {record}): choose another --out to compare")
     else:
