@@ -75,6 +75,16 @@ def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, pho
     assert (out / "eta1.00_seed0.png").exists()
 
 
+def test_low_memory_trains_a_lora_adapter_with_checkpointing(capsys, tmp_path, tiny_model_dir,
+                                                              photo_path):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
+                       "--low-memory", "--eta", "1", "--out", out, *FAST)
+    assert code == 0, err
+    assert json.loads((out / "session" / "manifest.json").read_text())["delta"]["kind"] == "lora"
+    assert json.loads((out / "manifest.json").read_text())["config"]["gradient_checkpointing"]
+
+
 def test_info_reports_resolution_prediction_and_parameters(capsys, tiny_model_dir,
                                                           tiny_v_model_dir):
     code, out, _ = run(capsys, "info", tiny_model_dir, "--json")
@@ -142,6 +152,8 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
         (["edit", "{photo}", "a dog", "--model", "someone/not-cached-model"], "hub"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--preset", "nope"], "unknown preset"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--embed-steps", "-1"], "embed_steps"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--low-memory", "--finetune", "full"],
+         "drop --finetune full"),
         (["generate", "{file}", "--eta", "0.5"], "not an imagic session"),
         (["info", "{pickled}"], "pickled"),
     ],

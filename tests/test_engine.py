@@ -204,3 +204,24 @@ def test_dpm_solver_sampler_is_reproducible_batch_invariant_and_not_ddim(backend
 def test_unknown_sampler_is_refused_in_one_line():
     with pytest.raises(InputError, match="sampler must be one of ddim, dpm\\+\\+"):
         replace(QUICK, sampler="euler")
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_switches_off(backend):
+    config = replace(QUICK, embed_steps=2, finetune_steps=3, finetune="lora")
+    plain = Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
+    saved = Imagic(backend, replace(config, gradient_checkpointing=True), quiet=True).fit(
+        make_photo(), TEXT)
+    assert not backend.unet.is_gradient_checkpointing  # off again once stage 2 is over
+    np.testing.assert_allclose(saved.losses["stage2"], plain.losses["stage2"], rtol=1e-4)
+    for name, value in plain.delta.tensors.items():
+        torch.testing.assert_close(saved.delta.tensors[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_edits_are_reproducible_from_the_seed(backend):
+    config = replace(QUICK, embed_steps=2, finetune_steps=2, finetune="lora")
+    first, second = (Imagic(backend, config, quiet=True).fit(make_photo(), TEXT) for _ in "ab")
+    torch.manual_seed(1234)  # the global generator's state must not matter
+    third = Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
+    for name, value in first.delta.tensors.items():
+        assert torch.equal(second.delta.tensors[name], value)
+        assert torch.equal(third.delta.tensors[name], value)

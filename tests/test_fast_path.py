@@ -83,7 +83,7 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     proj = r["reference"]["projected"]
     per_step = (long["stage1_s"] - short["stage1_s"]) / 2
     assert proj["stage1_s"] == pytest.approx(proj["stage1_s_fixed"] + 1000 * per_step, abs=0.02)
-    for run in (r["fast"]["cold"], r["fast"]["steady"]):
+    for run in (r["fast"]["cold"], r["fast"]["steady"], r["fast"]["low_memory"]):
         assert run["stage1_samples"] == run["stage1_steps"] * 16
         assert run["stage2_samples"] == run["stage2_steps"] * 8
         assert run["images"] == 8 and run["total_s"] > 0

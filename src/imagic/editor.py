@@ -81,7 +81,14 @@ def finetune(
     # never moves another's draws.
     offset = 1 if base else 2 + backend.auxiliary_stages.index(stage)
     generator = torch.Generator("cpu").manual_seed(config.seed + offset)
-    params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank, stage=stage)
+    # A LoRA adapter starts from random weights drawn from torch's global generator: seed it
+    # here too, so the same seed gives the same edit (fork_rng restores the caller's state).
+    device = torch.device(backend.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed + offset)
+        params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank,
+                                              stage=stage,
+                                              checkpointing=config.gradient_checkpointing)
     optimizer = _adam(params, lr=lr)
     cond = cond.map(lambda t: t.detach())
     label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"

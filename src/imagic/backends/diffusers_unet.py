@@ -122,9 +122,11 @@ class UNetBackend:
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
 
-    def trainable_parameters(self, mode, lora_rank=4, stage="base"):
+    def trainable_parameters(self, mode, lora_rank=4, stage="base", checkpointing=False):
         if stage != "base":
             raise ValueError(f"{self.family} has no stage {stage!r}")
+        if checkpointing:
+            self.unet.enable_gradient_checkpointing()
         if mode == "lora":
             self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
             self._lora_rank = lora_rank
@@ -151,6 +153,7 @@ class UNetBackend:
                         p.copy_(self._backup[name])
             self._backup = None
         self.unet.requires_grad_(False)
+        self.unet.disable_gradient_checkpointing()
         return delta
 
     @contextmanager
