@@ -35,6 +35,7 @@ from imagic.shapes import (
     render_many,
     sample_scene,
 )
+from imagic.shapes.detect import dilate
 from imagic.shapes.world import CELL, SHAPE_AREA_FACTOR, SIZE_RADII
 
 
@@ -303,7 +304,7 @@ def test_pebble_detector_finds_exactly_the_pebbles_on_renders(
 ) -> None:
     exact = 0
     for scene, image in zip(scenes, images):
-        found = find_pebbles(image, object_mask(scene))
+        found = find_pebbles(image, dilate(object_mask(scene)))
         matched, added = match_pebbles(_pebble_centres(scene), found)
         exact += matched == len(scene.pebbles) and added == 0
     assert exact >= 0.99 * len(scenes)
@@ -311,13 +312,12 @@ def test_pebble_detector_finds_exactly_the_pebbles_on_renders(
 
 def test_pebble_detector_sees_missing_moved_and_noisy_pebbles() -> None:
     rng = np.random.default_rng(2)
+    moved_checked = 0
     for seed in range(40):
         scene = sample_scene(seed)
-        centres, mask = _pebble_centres(scene), object_mask(scene)
+        centres, mask = _pebble_centres(scene), dilate(object_mask(scene))
         # none on the bare gradient, even with noise heavier than the world's
-        bare = scene.replace(pebbles=())
-        assert find_pebbles(_noisy(render(bare), 6.0, rng), mask) == []
-        assert match_pebbles(centres, []) == (0, 0)
+        assert find_pebbles(_noisy(render(scene.replace(pebbles=())), 6.0, rng), mask) == []
         # all of them through mild noise
         found = find_pebbles(_noisy(render(scene), 6.0, rng), mask)
         assert match_pebbles(centres, found) == (len(centres), 0)
@@ -328,14 +328,37 @@ def test_pebble_detector_sees_missing_moved_and_noisy_pebbles() -> None:
         if any(math.hypot(x - ox, y - oy) < 4 for ox, oy in centres[1:]) or \
                 not pebbles_clear_of(moved):
             continue
-        found = find_pebbles(render(moved), object_mask(moved))
+        found = find_pebbles(render(moved), dilate(object_mask(moved)))
         assert match_pebbles(centres, found) == (len(centres) - 1, 1)
+        moved_checked += 1
+    assert moved_checked >= 25
+
+
+def test_edit_check_keeps_pebbles_of_the_input_only() -> None:
+    from PIL import Image
+
+    from imagic.shapes.evaluate import check_edit
+
+    for seed in range(10):
+        source = sample_scene(seed, colour="red")
+        target = source.replace(colour="blue")  # the ideal colour edit: same background
+        c = check_edit(Image.fromarray(render(target)), source, {"colour": "blue"})
+        assert c["target"] and c["kept"] and c["pebbles"], c
+        assert c["pebbles_found"] == c["pebbles_expected"] >= 1 and c["pebbles_added"] == 0
+        bare = check_edit(Image.fromarray(render(target.replace(pebbles=()))), source,
+                          {"colour": "blue"})
+        assert not bare["pebbles"] and bare["pebbles_found"] == 0
+        extra = target.replace(pebbles=(*target.pebbles, (16.0, 16.0, 1.3)))
+        if pebbles_clear_of(extra) and all(math.hypot(16 - x, 16 - y) > 4
+                                           for x, y, _ in target.pebbles):
+            c = check_edit(Image.fromarray(render(extra)), source, {"colour": "blue"})
+            assert not c["pebbles"] and c["pebbles_added"] == 1
 
 
 def test_pebble_detector_ignores_the_object() -> None:
     for colour in COLOURS:  # dark blue or purple objects are not pebbles
         scene = sample_scene(5, colour=colour)
-        found = find_pebbles(render(scene), object_mask(scene))
+        found = find_pebbles(render(scene), dilate(object_mask(scene)))
         assert match_pebbles(_pebble_centres(scene), found)[1] == 0
 
 

@@ -41,6 +41,9 @@ STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text", "margin", "distance")
+# How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
+# input's pebbles found within 1.5 px and no new ones (1: mean error < 25/255 on their pixels).
+SCORER = 2
 # margin, distance: auto-η's two signals for this output (imagic rows, when imagic-auto runs):
 # D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input
 
@@ -142,7 +145,7 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
     then write the summary and the plot. Returns the CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
-    check_same_run(out, {"etas": list(etas), "strengths": list(strengths),
+    check_same_run(out, {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
                          "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict()}, backend)
     path = out / "rows.csv"
     done = defaultdict(set)  # (case, seed) -> the methods already in the file

@@ -242,7 +242,8 @@ def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[t
 
     The background is a linear gradient, so its luminance is fitted by a plane (least squares,
     refitted once without the pixels far below it); a pebble is a component of pixels darker
-    than DARK_RATIO of the plane.  ``exclude`` masks pixels to ignore (the objects: a dark
+    than DARK_RATIO of the plane.  ``exclude`` masks pixels to ignore (the objects, with a margin
+    for their soft edges, e.g. ``dilate(object_mask(scene))``: a dark
     purple or blue shape is no pebble).
     """
     image = np.asarray(image)
@@ -251,7 +252,7 @@ def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[t
     luma = _luminance(image)
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
     design = np.stack([np.ones_like(xs), xs, ys], axis=-1)
-    use = np.ones(luma.shape, bool) if exclude is None else ~dilate(exclude)
+    use = np.ones(luma.shape, bool) if exclude is None else ~exclude
     for _ in range(2):
         coef, *_ = np.linalg.lstsq(design[use], luma[use], rcond=None)
         plane = np.maximum(design @ coef, 1.0)
@@ -259,7 +260,7 @@ def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[t
     darkness = np.clip(1.0 - luma / plane, 0.0, None)  # 0 on the background, ~0.6 on a pebble
     dark = luma < DARK_RATIO * plane
     if exclude is not None:
-        dark &= ~dilate(exclude)
+        dark &= ~exclude
     labels, n = label_components(dark)
     found = []
     for i in range(1, n + 1):

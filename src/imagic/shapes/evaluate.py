@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .detect import compare, detect, dilate, find_pebbles, match_pebbles
-from .world import ATTRIBUTES, IMAGE_SIZE, random_caption_and_scene
+from .world import ATTRIBUTES, random_caption_and_scene
 
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance of the grids and of the accuracy bar
 BAR_ALL = 0.90  # fraction of samples with every attribute right
@@ -116,10 +116,10 @@ def check_edit(image, source, target: dict) -> dict:
     attribute reads as in the input), pebbles (the input's pebbles are where they were and
     there are no new ones: every pebble of the input outside the objects has a pebble of the
     output within 1.5 px, and the output has no other; `find_pebbles`), pebbles_found and
-    pebbles_added (the counts behind it), background_psnr (dB, outside the input's object and
+    pebbles_expected, pebbles_added (the counts behind it), background_psnr (dB, outside the input's object and
     the detected object), background_ssim, and the detection itself.
     """
-    from .world import object_mask, render
+    from .world import object_mask, pebble_mask, render
 
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
@@ -130,15 +130,19 @@ def check_edit(image, source, target: dict) -> dict:
     original = render(source).astype(np.float64)
     diff = (array.astype(np.float64) - original)[outside]
     mse = float(np.mean(diff**2)) if diff.size else 0.0
-    expected = [(x, y) for x, y, _ in source.pebbles
-                if not objects[min(int(y), IMAGE_SIZE - 1), min(int(x), IMAGE_SIZE - 1)]]
-    matched, added = match_pebbles(expected, find_pebbles(array, objects))
+    # Pebbles are looked for outside the objects and a one-pixel margin; a pebble of the input
+    # that touches that region is not asked for (an object may cover it).
+    hidden = dilate(objects)
+    expected = [(x, y) for x, y, r in source.pebbles
+                if not (pebble_mask(source.replace(pebbles=((x, y, r),))) & hidden).any()]
+    matched, added = match_pebbles(expected, find_pebbles(array, hidden))
     return {
         "status": found.status,
         "detected": found.attributes,
         "target": all(right[k] for k in target),
         "kept": all(v for k, v in right.items() if k not in target),
         "pebbles": matched == len(expected) and added == 0,
+        "pebbles_expected": len(expected),
         "pebbles_found": matched,
         "pebbles_added": added,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
