@@ -115,9 +115,9 @@ def check_edit(image, source, target: dict) -> dict:
     "blue"}). Returns: target (every asked attribute reads as asked), kept (every other
     attribute reads as in the input), pebbles (the input's pebbles are where they were and
     there are no new ones: every pebble of the input outside the objects has a pebble of the
-    output within 1.5 px, and the output has no other; `find_pebbles`), pebbles_found and
-    pebbles_expected, pebbles_added (the counts behind it), background_psnr (dB, outside the input's object and
-    the detected object), background_ssim, and the detection itself.
+    output within 1.5 px, and the output has no other; `find_pebbles`), pebbles_expected,
+    pebbles_found and pebbles_added (the counts behind it), background_psnr (dB, outside the
+    input's object and the detected object), background_ssim, and the detection itself.
     """
     from .world import object_mask, pebble_mask, render
 
