@@ -39,16 +39,17 @@ def main() -> int:
     target = {k: v for k, v in asked.items() if v != source.attributes[k]}
     print(f"{name}: {manifest['text']!r} asks for {target}")
     counts = {"target": 0, "target_and_kept": 0, "all_and_pebbles": 0}
-    for entry in manifest["images"]:
+    entries = [e for e in manifest["images"] if not e.get("auto")]  # auto-η copies one of them
+    for entry in entries:
         c = check_edit(Image.open(out / entry["file"]), source, target)
         counts["target"] += c["target"]
         counts["target_and_kept"] += c["target"] and c["kept"]
         counts["all_and_pebbles"] += c["target"] and c["kept"] and c["pebbles"]
         print(f"  η {entry['eta']:.2f} seed {entry['seed']}: read {c['detected']}; target "
               f"{'yes' if c['target'] else 'no'}, others kept {'yes' if c['kept'] else 'no'}, "
-              f"pebbles {c['pebbles_found']}/{len(source.pebbles)} kept + {c['pebbles_added']} "
+              f"pebbles {c['pebbles_found']}/{c['pebbles_expected']} kept + {c['pebbles_added']} "
               f"new, background PSNR {c['background_psnr']:.1f} dB")
-    n = len(manifest["images"])
+    n = len(entries)
     print(f"target read {counts['target']}/{n}; with the other attributes kept "
           f"{counts['target_and_kept']}/{n}; and the pebbles kept too "
           f"{counts['all_and_pebbles']}/{n}")

@@ -62,6 +62,12 @@ def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
     a = np.asarray(Image.open(out / "eta0.60_seed1.png")).astype(int)
     b = np.asarray(Image.open(alone / "eta0.60_seed1.png")).astype(int)
     assert np.abs(a - b).max() <= 2
+    # other sampling settings: the manifest says what was used
+    other = tmp_path / "other"
+    assert main(["generate", str(out / "session"), "--eta", "0.6", "--sampler", "dpm++",
+                 "--sample-steps", "2", "--guidance", "3", "--out", str(other), "--quiet"]) == 0
+    config = json.loads((other / "manifest.json").read_text())["config"]
+    assert (config["sampler"], config["sample_steps"], config["guidance"]) == ("dpm++", 2, 3.0)
 
 
 def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, photo_path):

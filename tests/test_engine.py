@@ -206,12 +206,23 @@ def test_unknown_sampler_is_refused_in_one_line():
         replace(QUICK, sampler="euler")
 
 
-def test_gradient_checkpointing_trains_the_same_weights_and_switches_off(backend):
+def test_gradient_checkpointing_trains_the_same_weights_and_switches_off(backend, monkeypatch):
     config = replace(QUICK, embed_steps=2, finetune_steps=3, finetune="lora")
     plain = Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
+    seen = []  # whether checkpointing was on at each loss of stages 1-2
+    loss = backend.loss
+
+    def spy(*args, **kwargs):
+        seen.append(backend.unet.is_gradient_checkpointing)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "loss", spy)
     saved = Imagic(backend, replace(config, gradient_checkpointing=True), quiet=True).fit(
         make_photo(), TEXT)
-    assert not backend.unet.is_gradient_checkpointing  # off again once stage 2 is over
+    monkeypatch.undo()
+    assert seen == [True] * 5  # 2 steps of stage 1, 3 of stage 2
+    assert not backend.unet.is_gradient_checkpointing  # off again once the stages are over
+    np.testing.assert_allclose(saved.losses["stage1"], plain.losses["stage1"], rtol=1e-5)
     np.testing.assert_allclose(saved.losses["stage2"], plain.losses["stage2"], rtol=1e-4)
     for name, value in plain.delta.tensors.items():
         torch.testing.assert_close(saved.delta.tensors[name], value, rtol=1e-4, atol=1e-6)

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "pick one per seed, written as auto_seedS.png)")
         p.add_argument("--seeds", type=parse_seeds, help="sampling seeds: 0,1,2 or 0:3")
         p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-        p.add_argument("--sample-steps", type=int, help="sampling steps (the preset's: 50)")
+        p.add_argument("--sample-steps", type=int,
+                       help="sampling steps (default: the preset's or the session's)")
         p.add_argument("--sampler", choices=SAMPLERS,
                        help="stage 3's solver: ddim (the paper's, default) or dpm++ "
                             "(DPM-Solver++ 2M: use ~20 steps)")
@@ -351,9 +352,11 @@ def cmd_generate(args) -> int:
     results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps,
                               args.sampler)
     choices = choose_etas(backend, session, results) if args.eta == "auto" else None
+    stage3 = {k: v for k, v in (("guidance", args.guidance), ("sample_steps", args.sample_steps),
+                                 ("sampler", args.sampler)) if v is not None}
     write_outputs(out, session, results, etas, seeds,
                   {"command": "generate", "session": str(Path(args.session).resolve())},
-                  choices)
+                  choices, stage3)
     _say(args, out, results, None, choices)
     return 0
 
@@ -429,9 +432,11 @@ def cmd_bench_tedbench(args) -> int:
     return 0
 
 
-def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices=None) -> None:
+def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices=None,
+                  stage3: dict | None = None) -> None:
     """One PNG per (η, seed), grid.png and manifest.json, each written atomically; with auto-η
-    `choices` also auto_seedS.png (the chosen image) and the signals behind each choice."""
+    `choices` also auto_seedS.png (the chosen image) and the signals behind each choice.
+    `stage3`: sampling settings that differ from the session's (guidance, steps, sampler)."""
     from .images import make_grid, save_atomic, write_text_atomic
     from .session import library_versions
 
@@ -454,7 +459,8 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices
         "text": session.text,
         "input_sha256": session.image_sha256,
         "model": session.model,
-        "config": {**session.config.to_dict(), "etas": list(etas), "seeds": list(seeds)},
+        "config": {**session.config.to_dict(), **(stage3 or {}), "etas": list(etas),
+                   "seeds": list(seeds)},
         "images": files,
         **({"auto_eta": [c.to_dict() for c in choices.values()]} if choices else {}),
         "grid": "grid.png",

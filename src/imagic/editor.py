@@ -22,7 +22,8 @@ everything model-specific is behind the `Backend` protocol (backends/base.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,13 +49,14 @@ def optimize_embedding(
     generator = torch.Generator("cpu").manual_seed(config.seed)
     e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
     optimizer = _adam(list(e.tensors().values()), lr=config.embed_lr)
-    losses = _optimize(
-        lambda: backend.loss(x0, e, generator, batch=config.timesteps_per_step),
-        optimizer,
-        config.embed_steps,
-        "stage 1/3 embedding",
-        quiet,
-    )
+    with _checkpointing(backend, config.gradient_checkpointing):
+        losses = _optimize(
+            lambda: backend.loss(x0, e, generator, batch=config.timesteps_per_step),
+            optimizer,
+            config.embed_steps,
+            "stage 1/3 embedding",
+            quiet,
+        )
     return e.map(lambda t: t.detach()), losses
 
 
@@ -87,19 +89,19 @@ def finetune(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed + offset)
         params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank,
-                                              stage=stage,
-                                              checkpointing=config.gradient_checkpointing)
+                                              stage=stage)
     optimizer = _adam(params, lr=lr)
     cond = cond.map(lambda t: t.detach())
     label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
-    return _optimize(
-        lambda: backend.loss(x0, cond, generator, batch=k, stage=stage),
-        optimizer,
-        steps,
-        label,
-        quiet,
-    )
+    with _checkpointing(backend, config.gradient_checkpointing):
+        return _optimize(
+            lambda: backend.loss(x0, cond, generator, batch=k, stage=stage),
+            optimizer,
+            steps,
+            label,
+            quiet,
+        )
 
 
 def interpolate(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
@@ -242,6 +244,19 @@ class Imagic:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _checkpointing(backend: Backend, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for one stage's optimization, when the config asks for it."""
+    if not enabled:
+        yield
+        return
+    backend.set_gradient_checkpointing(True)
+    try:
+        yield
+    finally:
+        backend.set_gradient_checkpointing(False)
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:

@@ -24,7 +24,7 @@ class EditConfig:
     finetune: str = "full"  # "full": every UNet weight; "lora": a peft LoRA adapter
     lora_rank: int = 4  # rank of the LoRA adapter (finetune == "lora")
     lora_lr: float = 1e-4  # Adam learning rate for the LoRA weights
-    gradient_checkpointing: bool = False  # stage 2: recompute activations in the backward pass
+    gradient_checkpointing: bool = False  # stages 1-2: recompute activations in the backward
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
     timesteps_per_step: int = 1  # K: (t, ε) draws averaged per optimizer step (paper: 1)
@@ -125,10 +125,11 @@ DEFAULT_PRESET = "paper"
 
 def low_memory(config: EditConfig) -> EditConfig:
     """`--low-memory`: stage 2 trains a LoRA adapter (rank and lr from the config) instead of
-    every weight, with gradient checkpointing. Full fine-tuning keeps fp32 weights, gradients and
-    two Adam states: 16 bytes per parameter, 13.8 GB for SD-1.5's 860M-parameter UNet before any
-    activation; a LoRA adapter's are a few MB, and checkpointing keeps one block's activations
-    at a time. This departs from the paper, which fine-tunes every weight."""
+    every weight, and both stages use gradient checkpointing. Full fine-tuning keeps fp32
+    weights, gradients and two Adam states: 16 bytes per parameter, 13.8 GB for SD-1.5's
+    860M-parameter UNet before any activation; a LoRA adapter's are a few MB, and checkpointing
+    keeps only the block boundaries' activations for the backward pass (K timesteps per step
+    multiply them). This departs from the paper, which fine-tunes every weight."""
     return replace(config, finetune="lora", gradient_checkpointing=True)
 
 

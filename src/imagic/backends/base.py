@@ -120,11 +120,13 @@ class Backend(Protocol):
         """
 
     def trainable_parameters(
-        self, mode: str, lora_rank: int = 4, stage: str = "base", checkpointing: bool = False
+        self, mode: str, lora_rank: int = 4, stage: str = "base"
     ) -> list[torch.nn.Parameter]:
         """Make θ of `stage` trainable (mode "full": all its weights; "lora": a new adapter) and
-        return those parameters. The base weights are kept so `take_delta` can restore them.
-        `checkpointing`: recompute activations in the backward pass until `take_delta`."""
+        return those parameters. The base weights are kept so `take_delta` can restore them."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the model's activations in the backward pass (less memory, more compute)."""
 
     def take_delta(self) -> Delta:
         """The trained weights as a Delta; the model is put back exactly as it was loaded."""

@@ -122,11 +122,9 @@ class UNetBackend:
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
 
-    def trainable_parameters(self, mode, lora_rank=4, stage="base", checkpointing=False):
+    def trainable_parameters(self, mode, lora_rank=4, stage="base"):
         if stage != "base":
             raise ValueError(f"{self.family} has no stage {stage!r}")
-        if checkpointing:
-            self.unet.enable_gradient_checkpointing()
         if mode == "lora":
             self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
             self._lora_rank = lora_rank
@@ -153,8 +151,14 @@ class UNetBackend:
                         p.copy_(self._backup[name])
             self._backup = None
         self.unet.requires_grad_(False)
-        self.unet.disable_gradient_checkpointing()
         return delta
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        # diffusers checkpoints whenever gradients are enabled, in eval mode too
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
 
     @contextmanager
     def apply_delta(self, delta: Delta) -> Iterator[None]:
@@ -242,7 +246,7 @@ def make_sampler(name: str, config):
         return DPMSolverMultistepScheduler.from_config(
             config, algorithm_type="dpmsolver++", solver_order=2
         )
-    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 def _count(module: torch.nn.Module) -> int:
