@@ -23,7 +23,7 @@ def check_same_run(out: Path, settings: dict, backend) -> None:
     if record.exists():
         stored = json.loads(record.read_text())
         if isinstance(stored.get("config"), dict):  # fields added since take their defaults
-            stored["config"] = EditConfig.from_dict(stored["config"]).to_dict()
+            stored["config"] = {**EditConfig().to_dict(), **stored["config"]}
         if json.loads(json.dumps(stored)) != json.loads(json.dumps(settings)):
             raise InputError(f"{out} holds a run with other settings (sweep, recipe or model; "
                              f"see {record}): choose another --out to compare")
