@@ -176,7 +176,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _curves(rows) -> dict:
-    """(kind, method) → {param: (success rate, mean PSNR, mean SSIM, n)}."""
+    """(kind, method) → {param: (success rate, mean PSNR, mean SSIM, n, pebbles-kept rate)}."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["kind"], r["method"], r["param"])].append(r)
@@ -187,8 +187,41 @@ def _curves(rows) -> dict:
             float(np.mean([g["psnr"] for g in group])),
             float(np.mean([g["ssim"] for g in group])),
             len(group),
+            float(np.mean([g["pebbles"] for g in group])),
         )
     return curves
+
+
+def eta_table(rows, method: str = "imagic") -> str:
+    """Along η, over every kind: how often the target is read, the other attributes kept, both,
+    the pebbles kept, and the background's SSIM and PSNR (the paper's trade-off, analytically)."""
+    by_eta = defaultdict(list)
+    for r in rows:
+        if r["method"] == method:
+            by_eta[r["param"]].append(r)
+    if not by_eta:
+        return ""
+    etas = sorted(by_eta)
+
+    def line(name, values):
+        return f"| {name} | " + " | ".join(values) + " |"
+
+    def rate(key):
+        return [f"{100 * np.mean([r[key] for r in by_eta[e]]):.0f}%" for e in etas]
+
+    param = "strength" if method == "sdedit" else "η"
+    return "\n".join([
+        f"{method} along {param}, all kinds ({len(by_eta[etas[0]])} outputs per column).", "",
+        line(param, [f"{e:g}" for e in etas]),
+        line("---", ["---"] * len(etas)),
+        line("target attribute read", rate("target")),
+        line("other attributes kept", rate("kept")),
+        line("success (both)", rate("success")),
+        line("pebbles kept", rate("pebbles")),
+        line("background SSIM", [f"{np.mean([r['ssim'] for r in by_eta[e]]):.3f}" for e in etas]),
+        line("background PSNR (dB)",
+             [f"{np.mean([r['psnr'] for r in by_eta[e]]):.1f}" for e in etas]),
+    ])
 
 
 def summary(rows) -> str:
@@ -199,18 +232,21 @@ def summary(rows) -> str:
     seeds = len({r["seed"] for r in rows})
     lines = [f"# ShapesBench: {cases} cases × {seeds} seeds", "",
              "Best parameter per method (η for imagic and no-finetune, strength for sdedit).", "",
-             "| kind | method | best param | success | background PSNR (dB) | SSIM | outputs |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| kind | method | best param | success | background PSNR (dB) | SSIM | pebbles kept "
+             "| outputs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     methods = ("imagic", "no-finetune", "no-embedding", "sdedit", "text-only")
     for kind in KINDS:
         for method in methods:
             curve = curves.get((kind, method))
             if not curve:
                 continue
-            param, (success, psnr, ssim, n) = max(curve.items(),
-                                                  key=lambda kv: (kv[1][0], kv[1][1]))
+            param, (success, psnr, ssim, n, pebbles) = max(
+                curve.items(), key=lambda kv: (kv[1][0], kv[1][1]))
             lines.append(f"| {kind} | {method} | {param:g} | {100 * success:.1f}% | {psnr:.2f} | "
-                         f"{ssim:.3f} | {n} |")
+                         f"{ssim:.3f} | {100 * pebbles:.0f}% | {n} |")
+    if any(r["method"] == "imagic" for r in rows):
+        lines += ["", eta_table(rows)]
     if any(r["method"] == "imagic-auto" for r in rows):
         lines += ["", auto_eta_table(rows)]
     return "\n".join(lines) + "\n"
