@@ -10,20 +10,22 @@ from imagic.cli import main
 from imagic.errors import ModelError
 
 
-def test_rule_takes_the_closest_eta_among_those_that_reach_the_text():
+def test_rule_takes_the_first_eta_that_reaches_the_text():
     etas = [0.4, 0.6, 0.8, 1.0, 1.2]
     # the margin rises from 0 to 1; 0.8 is the first η past FRACTION of it
     margins = [0.0, 0.1, 0.8, 0.9, 1.0]
-    assert FRACTION <= 0.8
+    assert 0.1 < FRACTION <= 0.8
     assert choose(etas, margins, [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
-    # of the η that reach the text, the one closest to the input wins, even a larger one
-    assert choose(etas, margins, [0.1, 0.2, 0.5, 0.3, 0.6]) == 1.0
+    # the distance to the input does not move the choice past the first one
+    assert choose(etas, margins, [0.1, 0.2, 0.5, 0.3, 0.6]) == 0.8
     # an η below the bar is never taken, however close to the input it stays
     assert choose(etas, margins, [0.0, 0.0, 0.9, 0.9, 0.9]) == 0.8
     # only the differences of the margins matter, not their offset or scale
     assert choose(etas, [5 + 3 * m for m in margins], [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
-    # nothing moves toward the text: all are candidates, so the closest to the input
-    assert choose(etas, [0.0] * 5, [0.3, 0.1, 0.2, 0.4, 0.5]) == 0.6
+    # a margin that peaks and falls: the first η near the peak, not the last
+    assert choose(etas, [0.0, 0.9, 1.0, 0.2, 0.1], [0.1] * 5) == 0.6
+    # nothing moves toward the text: every η qualifies, so the smallest
+    assert choose(etas, [0.0] * 5, [0.3, 0.1, 0.2, 0.4, 0.5]) == 0.4
     # a broken model (NaN) is an error, not a silent pick
     with pytest.raises(ModelError, match="not finite"):
         choose(etas, [0.0, float("nan"), 0.1, 0.2, 0.3], [0.1] * 5)

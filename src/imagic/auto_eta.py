@@ -12,10 +12,14 @@ Here the choice uses two signals and no outside judge:
 2. Fidelity: d(y) = 1 − SSIM(y, input), a structural distance to the input.
 
 Rule, per seed, over the sweep η_1 < … < η_n: let g_i = m_i − min_j m_j be the alignment each η
-gains, and G = max_i g_i. The candidates are the η with g_i ≥ FRACTION·G, i.e. those that reach
-most of the alignment the sweep can reach; of those, the one closest to the input (smallest d)
-wins. Beyond the point where the text is reached, a larger η only costs fidelity; before it, the
-edit is not made yet. FRACTION is a fixed constant, not tuned per model or benchmark.
+gains, and G = max_i g_i. The smallest η with g_i ≥ FRACTION·G wins: the first η that reaches
+most of the alignment the sweep can reach. Beyond it a larger η only costs fidelity; before it,
+the edit is not made yet. FRACTION is a fixed constant, not tuned per model or benchmark.
+
+d is computed and reported (manifest.json) but no longer decides: an earlier rule took the
+candidate with the smallest d, and on ShapesBench whole-image SSIM chose among the candidates
+little better than chance (docs/RESULTS.md, "Automatic η", has both rules' figures and the
+decision, fixed before the run that made it).
 """
 
 from __future__ import annotations
@@ -55,8 +59,7 @@ def choose(etas: Sequence[float], margins: Sequence[float], distances: Sequence[
     low = min(margins)
     gains = [m - low for m in margins]
     best = max(gains)
-    candidates = [i for i, g in enumerate(gains) if g >= FRACTION * best]
-    return etas[min(candidates, key=lambda i: (distances[i], etas[i]))]
+    return min(eta for eta, g in zip(etas, gains) if g >= FRACTION * best)
 
 
 @torch.no_grad()
