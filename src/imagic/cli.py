@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stage 2: all UNet weights or a LoRA adapter")
     edit.add_argument("--lora-rank", type=int, help="LoRA rank (with --finetune lora)")
     edit.add_argument("--low-memory", action="store_true",
-                      help="stage 2 trains a LoRA adapter with gradient checkpointing instead of "
-                           "every weight: far less GPU memory, not the paper's recipe")
+                      help="stage 2 trains a LoRA adapter instead of every weight, and both "
+                           "stages use gradient checkpointing: far less GPU memory, not the "
+                           "paper's recipe")
     edit.add_argument("--embed-steps", type=int, help="stage 1 steps")
     edit.add_argument("--embed-lr", type=float, help="stage 1 learning rate")
     edit.add_argument("--finetune-steps", type=int, help="stage 2 steps")
