@@ -3,6 +3,10 @@
 margin and distance of every η in the --eta auto sweep; the detectors' verdicts judge the pick.
 
     python scripts/auto_eta_rules.py runs/bench-auto-heldout/rows.csv
+    python scripts/auto_eta_rules.py --rewrite docs/bench/shapes-run3/rows.csv
+
+--rewrite re-chooses the file's imagic-auto rows with the shipped rule (from the stored signals,
+no model needed), for runs whose early rows were picked by a rule shipped before.
 
 Rules:
 - shipped: imagic.auto_eta.choose (since 2026-11-27: the smallest η reaching FRACTION of the
@@ -15,12 +19,15 @@ Rules:
 
 from __future__ import annotations
 
+import csv
+import io
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
-from imagic.bench.shapes import KINDS, read_rows
+from imagic.bench.shapes import FIELDS, KINDS, read_rows
+from imagic.images import write_text_atomic
 
 
 def closest(etas, margins, distances):
@@ -77,5 +84,37 @@ def main(path: str) -> int:
     return 0
 
 
+def rewrite(path: str) -> int:
+    """Replace every imagic-auto row by the imagic row of the η the shipped rule picks."""
+    path = Path(path)
+    read_rows(path)  # checks the file
+    with path.open(newline="") as f:
+        raw = list(csv.DictReader(f))
+    sweeps = defaultdict(dict)
+    for r in raw:
+        if r["method"] == "imagic" and float(r["param"]) in AUTO_ETAS and r["margin"] != "":
+            sweeps[(r["case"], r["seed"])][float(r["param"])] = r
+    changed = 0
+    for i, r in enumerate(raw):
+        if r["method"] != "imagic-auto":
+            continue
+        sweep = sweeps[(r["case"], r["seed"])]
+        etas = sorted(sweep)
+        eta = choose(etas, [float(sweep[e]["margin"]) for e in etas],
+                     [float(sweep[e]["distance"]) for e in etas])
+        new = {**sweep[eta], "method": "imagic-auto"}
+        changed += new != r
+        raw[i] = new
+    text = io.StringIO()  # written as the benchmark writes it (csv.DictWriter, default dialect)
+    writer = csv.DictWriter(text, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(raw)
+    write_text_atomic(text.getvalue(), path)
+    print(f"{path}: {changed} imagic-auto rows re-chosen by the shipped rule")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--rewrite":
+        sys.exit(rewrite(sys.argv[2]))
     sys.exit(main(sys.argv[1]))

@@ -267,20 +267,32 @@ def _adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+READBACK_EVERY = 10  # optimizer steps between reading the losses back from the device
+
+
 def _optimize(loss_fn, optimizer, steps: int, label: str, quiet: bool) -> list[float]:
-    """Plain Adam loop with a progress bar showing a running mean of the loss."""
+    """Plain Adam loop with a progress bar showing a running mean of the loss.
+
+    The losses stay on the device and are read back every READBACK_EVERY steps: reading one
+    (`.item()`) waits for the GPU to finish, which would stop the CPU from queueing the next
+    step's kernels while the current ones run.
+    """
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
     bar = tqdm(range(steps), desc=label, disable=quiet, leave=True)
     running = None
-    for _ in bar:
+    for step in bar:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         optimizer.step()
-        value = loss.item()
-        losses.append(value)
-        running = value if running is None else 0.95 * running + 0.05 * value
-        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        pending.append(loss.detach())
+        if len(pending) == READBACK_EVERY or step == steps - 1:
+            for value in torch.stack(pending).tolist():
+                losses.append(value)
+                running = value if running is None else 0.95 * running + 0.05 * value
+            pending.clear()
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
     return losses
 
 
