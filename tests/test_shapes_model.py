@@ -50,7 +50,7 @@ def test_a_short_edit_changes_the_colour_and_keeps_the_rest(backend):
                                      "position": "top left"}
 
 
-def test_edit_without_model_uses_the_embedded_one(tmp_path):
+def test_edit_without_model_uses_the_embedded_one_and_its_session_rerenders(tmp_path):
     out = tmp_path / "out"
     code = main(["edit", str(EXAMPLE), "a large blue circle at the top left", "--out", str(out),
                  "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3",
@@ -59,3 +59,8 @@ def test_edit_without_model_uses_the_embedded_one(tmp_path):
     assert (out / "eta1.00_seed0.png").exists() and (out / "grid.png").exists()
     session = (out / "session" / "manifest.json").read_text()
     assert '"imagic:shapes-32"' in session and '"embed_lr": 0.05' in session  # the shapes preset
+    # the saved edit re-renders with no --model: the session names the embedded model
+    again = tmp_path / "again"
+    assert main(["generate", str(out / "session"), "--eta", "1", "--seeds", "0", "--out",
+                 str(again), "--quiet"]) == 0
+    assert (again / "eta1.00_seed0.png").read_bytes() == (out / "eta1.00_seed0.png").read_bytes()

@@ -43,7 +43,8 @@ def load_backend(
     config: str | None = None,
     revision: str | None = None,
 ) -> Backend:
-    """Load a model: None for the embedded ShapesWorld model; else an imagic model folder, a
+    """Load a model: None (or "imagic:shapes-32", as sessions record it) for the embedded
+    ShapesWorld model; else an imagic model folder, a
     Stable Diffusion hub id, diffusers folder or .safetensors file.
 
     `config` is the diffusers folder whose configs describe a single-file checkpoint; offline, a
@@ -51,15 +52,15 @@ def load_backend(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    from .cascade import EMBEDDED, is_pixel_model, load_pixel_model
+    from .cascade import EMBEDDED, EMBEDDED_SOURCE, is_pixel_model, load_pixel_model
 
-    if model is None:  # the embedded ShapesWorld model that ships in the package
+    if model is None or model == EMBEDDED_SOURCE:  # the ShapesWorld model shipped in the package
         if not is_pixel_model(EMBEDDED):
             raise ModelError(
                 "the embedded default model is missing from this install; "
                 "reinstall imagic or pass --model"
             )
-        return load_pixel_model(EMBEDDED, torch_device, torch_dtype, source="imagic:shapes-32")
+        return load_pixel_model(EMBEDDED, torch_device, torch_dtype, source=EMBEDDED_SOURCE)
     if Path(model).is_dir() and is_pixel_model(Path(model)):
         return load_pixel_model(model, torch_device, torch_dtype)
     if config is not None and not Path(config).is_dir():

@@ -23,6 +23,7 @@ from .diffusers_unet import UNetBackend, weights_fingerprint
 
 MODEL_FILE = "imagic_model.json"
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "shapes-32"
+EMBEDDED_SOURCE = "imagic:shapes-32"  # how sessions name the embedded model (no path: it moves)
 
 
 class PixelCascadeBackend(UNetBackend):
