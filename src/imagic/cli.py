@@ -503,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
 
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
-        if getattr(args, "quiet", True):
-            diffusers_logging.disable_progress_bar()
+        for library in (diffusers_logging, transformers_logging):  # the loaders' bars too
+            if getattr(args, "quiet", True):
+                library.disable_progress_bar()
+            else:
+                library.enable_progress_bar()
         return args.func(args)
     except ImagicError as err:
         print(f"imagic: error: {err}", file=sys.stderr)
