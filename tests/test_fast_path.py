@@ -15,19 +15,20 @@ from imagic.presets import get_preset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_fast_preset_keeps_the_papers_sample_budget_and_step_size():
+def test_fast_preset_keeps_the_papers_sample_budget_with_square_root_lr_scaling():
     paper, fast = get_preset("paper"), get_preset("fast")
     k1, k2 = fast.timesteps_per_step, fast.finetune_timesteps_per_step
     assert k1 > 1 and k2 > 1
     # samples (steps × K) within one batch of the paper's 1000 + 1500
     assert 0 <= fast.embed_steps * k1 - paper.embed_steps < k1
     assert 0 <= fast.finetune_steps * k2 - paper.finetune_steps < k2
-    # steps × lr (how far Adam can move) kept
-    assert fast.embed_lr == pytest.approx(paper.embed_lr * k1)
-    assert fast.finetune_lr == pytest.approx(paper.finetune_lr * k2)
-    # stage 3 as in the paper
-    assert (fast.etas, fast.guidance, fast.sample_steps) == (paper.etas, paper.guidance,
-                                                             paper.sample_steps)
+    # Adam's square-root scaling rule: a K times larger batch takes lr × √K
+    assert fast.embed_lr == pytest.approx(paper.embed_lr * k1**0.5)
+    assert fast.finetune_lr == pytest.approx(paper.finetune_lr * k2**0.5)
+    assert fast.lora_lr == pytest.approx(paper.lora_lr * k2**0.5)
+    # stage 3: the paper's η and guidance, DPM-Solver++ in 20 steps
+    assert (fast.etas, fast.guidance) == (paper.etas, paper.guidance)
+    assert (fast.sampler, fast.sample_steps) == ("dpm++", 20)
 
 
 def _spy_on_loss(monkeypatch):

@@ -58,7 +58,7 @@ def test_edit_without_model_uses_the_embedded_one_and_its_session_rerenders(tmp_
     assert code == 0
     assert (out / "eta1.00_seed0.png").exists() and (out / "grid.png").exists()
     session = (out / "session" / "manifest.json").read_text()
-    assert '"imagic:shapes-32"' in session and '"embed_lr": 0.05' in session  # the shapes preset
+    assert '"imagic:shapes-32"' in session and '"embed_lr": 0.025' in session  # the shapes preset
     # the saved edit re-renders with no --model: the session names the embedded model
     again = tmp_path / "again"
     assert main(["generate", str(out / "session"), "--eta", "1", "--seeds", "0", "--out",
