@@ -110,7 +110,7 @@ def photo(size: int) -> Image.Image:
 
 def measure(backend, config, image) -> dict:
     """Stages 1–2 and the η sweep once; seconds per stage (the engine's own timings, which end
-    on a device sync: every optimizer step reads its loss back) and peak memory."""
+    on a device sync: each stage's last step reads the losses back) and peak memory."""
     from imagic.editor import Imagic
 
     cuda = backend.device.type == "cuda"

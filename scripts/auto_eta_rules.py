@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
-from imagic.bench.shapes import FIELDS, KINDS, read_rows
+from imagic.bench.shapes import FIELDS, KINDS, read_rows, summary
 from imagic.images import write_text_atomic
 
 
@@ -90,16 +90,21 @@ def rewrite(path: str) -> int:
     read_rows(path)  # checks the file
     with path.open(newline="") as f:
         raw = list(csv.DictReader(f))
-    sweeps = defaultdict(dict)
+    if raw and "margin" not in raw[0]:
+        sys.exit(f"{path} has no auto-η signals (margin, distance): nothing to re-choose from")
+    sweeps = defaultdict(dict)  # (case, seed) -> η -> the imagic row with its signals
     for r in raw:
-        if r["method"] == "imagic" and float(r["param"]) in AUTO_ETAS and r["margin"] != "":
+        if r["method"] == "imagic" and r["margin"] != "":
             sweeps[(r["case"], r["seed"])][float(r["param"])] = r
     changed = 0
     for i, r in enumerate(raw):
         if r["method"] != "imagic-auto":
             continue
         sweep = sweeps[(r["case"], r["seed"])]
-        etas = sorted(sweep)
+        # the η that --eta auto sweeps, or every η the run has (as the benchmark does)
+        etas = sorted(e for e in sweep if e in AUTO_ETAS) or sorted(sweep)
+        if not etas:
+            sys.exit(f"{path}: case {r['case']} seed {r['seed']} has no imagic rows with signals")
         eta = choose(etas, [float(sweep[e]["margin"]) for e in etas],
                      [float(sweep[e]["distance"]) for e in etas])
         new = {**sweep[eta], "method": "imagic-auto"}
@@ -110,11 +115,16 @@ def rewrite(path: str) -> int:
     writer.writeheader()
     writer.writerows(raw)
     write_text_atomic(text.getvalue(), path)
-    print(f"{path}: {changed} imagic-auto rows re-chosen by the shipped rule")
+    rows = read_rows(path)
+    write_text_atomic(summary(rows), path.parent / "summary.md")
+    print(f"{path}: {changed} imagic-auto rows re-chosen by the shipped rule; "
+          f"{path.parent / 'summary.md'} rewritten")
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--rewrite":
+    if len(sys.argv) == 3 and sys.argv[1] == "--rewrite":
         sys.exit(rewrite(sys.argv[2]))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/auto_eta_rules.py [--rewrite] ROWS.csv")
     sys.exit(main(sys.argv[1]))

@@ -26,9 +26,9 @@ def test_fast_preset_keeps_the_papers_sample_budget_with_square_root_lr_scaling(
     assert fast.embed_lr == pytest.approx(paper.embed_lr * k1**0.5)
     assert fast.finetune_lr == pytest.approx(paper.finetune_lr * k2**0.5)
     assert fast.lora_lr == pytest.approx(paper.lora_lr * k2**0.5)
-    # stage 3: the paper's η and guidance, DPM-Solver++ in 20 steps
-    assert (fast.etas, fast.guidance) == (paper.etas, paper.guidance)
-    assert (fast.sampler, fast.sample_steps) == ("dpm++", 20)
+    # stage 3 as in the paper
+    assert (fast.etas, fast.guidance, fast.sample_steps, fast.sampler) == (
+        paper.etas, paper.guidance, paper.sample_steps, paper.sampler)
 
 
 def _spy_on_loss(monkeypatch):

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sample-steps", type=int,
                        help="sampling steps (default: the preset's or the session's)")
         p.add_argument("--sampler", choices=SAMPLERS,
-                       help="stage 3's solver: ddim (the paper's, default) or dpm++ "
-                            "(DPM-Solver++ 2M: use ~20 steps)")
+                       help="stage 3's solver: ddim (the paper's) or dpm++ (DPM-Solver++ 2M: "
+                            "use ~20 steps); default: the preset's or the session's")
         p.add_argument("--out", default="imagic-out", help="output folder (default: imagic-out)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -503,11 +503,9 @@ def main(argv: list[str] | None = None) -> int:
 
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
-        for library in (diffusers_logging, transformers_logging):  # the loaders' bars too
-            if getattr(args, "quiet", True):
-                library.disable_progress_bar()
-            else:
-                library.enable_progress_bar()
+        if getattr(args, "quiet", True):
+            diffusers_logging.disable_progress_bar()
+            transformers_logging.disable_progress_bar()  # its "Loading weights" bar
         return args.func(args)
     except ImagicError as err:
         print(f"imagic: error: {err}", file=sys.stderr)

@@ -93,9 +93,11 @@ PRESETS: dict[str, EditConfig] = {
     # the paper fine-tunes every weight.
     "paper": EditConfig(),
     # The paper's sample budget (1000 samples in stage 1, 1500 in stage 2) in fewer, larger
-    # optimizer steps: K timesteps per step, as one batch, with every learning rate × √K, the
-    # square-root scaling rule for Adam (Malladi et al., "On the SDEs and Scaling Rules for
-    # Adaptive Gradient Algorithms", NeurIPS 2022: a batch κ times larger takes lr × √κ).
+    # optimizer steps: K timesteps per step, as one batch, with every learning rate × √K: the
+    # learning-rate part of the square-root scaling rule for Adam (Malladi et al., "On the SDEs
+    # and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022: a batch κ times larger
+    # takes lr × √κ; the rule also rescales Adam's β and ε, which stay at their defaults here,
+    # and its derivation needs κ·(1 − β1) < 1, which K = 16 is not).
     # Measured on ShapesBench with the embedded model (docs/RESULTS.md, "Batched timesteps"):
     # lr × √K keeps the background closer to the input than lr × K (SSIM +0.10 ± 0.03, PSNR
     # +1.2 ± 0.7 dB, success as often or more). On an H100 (../shared/perf, SD-1.5 shape) a
@@ -103,19 +105,18 @@ PRESETS: dict[str, EditConfig] = {
     # K = 1 and 22.1 ms at K = 8. Stage 2 stays at K = 8 because its activations grow with K
     # beside fp32 weights, gradients and Adam states; its peak memory is what
     # benchmarks/gpu_edit.py measures (docs/PERFORMANCE.md, with what is still open).
-    # Sampling: DPM-Solver++ 2M in 20 steps instead of 50 DDIM steps; on ShapesBench it
-    # succeeds exactly as often as DDIM and keeps the background as well, within noise.
+    # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
+    # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * math.sqrt(16), timesteps_per_step=16,
         finetune_steps=188, finetune_lr=5e-7 * math.sqrt(8), finetune_timesteps_per_step=8,
         lora_lr=1e-4 * math.sqrt(8), aux_finetune_steps=188, aux_finetune_lr=5e-7 * math.sqrt(8),
-        sampler="dpm++", sample_steps=20,
     ),
     # The embedded ShapesWorld model (2.5M-parameter pixel UNet, 32×32), tuned on the CPU so a
     # whole edit takes about a minute on 2 cores (docs/models/shapes.md has the sweep):
     # - K = 4 timesteps per step: 400 samples in stage 1 and 600 in stage 2 at batch 4, which a
     #   CPU runs ~2.5× faster per sample than batch 1;
-    # - learning rates 1.25e-2 (stage 1) and 1.25e-5 (stage 2) for one sample per step, × √K
+    # - full fine-tune rates 1.25e-2 (stage 1) and 1.25e-5 (stage 2) for one sample per step, × √K
     #   as in `fast`: 2.5e-2 and 2.5e-5 (until 2026-11-27 × K, 5e-2 and 5e-5, which kept the
     #   background less faithfully: docs/RESULTS.md, "Batched timesteps"). Stage 1 must move
     #   the 64-wide embedding far enough from e_tgt that the fine-tuned model tells them
@@ -124,8 +125,8 @@ PRESETS: dict[str, EditConfig] = {
     # - η 0.7–1.0: with these rates the edit is made from η ≈ 0.7 (94% on ShapesBench's first
     #   16 cases), above the paper's SD range;
     # - guidance 4: the model's training default, where its text-to-image accuracy was measured;
-    # - 50 DDIM steps, the paper's sampler (DPM-Solver++ is at parity here, see `fast`, and
-    #   `--sampler dpm++ --sample-steps 20` halves the sweep).
+    # - 50 DDIM steps, the paper's sampler (`--sampler dpm++ --sample-steps 20` halves the
+    #   sweep; on ShapesBench it was not clearly at parity, see `fast`).
     "shapes": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=1.25e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.7, 0.8, 1.0),

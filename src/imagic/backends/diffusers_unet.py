@@ -78,6 +78,13 @@ class UNetBackend:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor onto the device. To a GPU through pinned memory without blocking: a plain
+        copy from pageable memory waits for the GPU to finish its queue, once per step."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
@@ -107,8 +114,8 @@ class UNetBackend:
     def loss(self, x0, cond, generator, batch=1, stage="base"):
         # Drawn on the CPU generator, then moved: one seed gives the same t and ε on any device.
         steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (batch,), generator=generator).to(self.device)
-        noise = torch.randn((batch, *x0.shape[1:]), generator=generator).to(self.device)
+        t = self._upload(torch.randint(0, steps, (batch,), generator=generator))
+        noise = self._upload(torch.randn((batch, *x0.shape[1:]), generator=generator))
         x0 = x0.expand(batch, -1, -1, -1)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "epsilon":
