@@ -69,6 +69,33 @@ def test_methods_subset_runs_only_those_and_a_rerun_adds_missing_methods(tmp_pat
     assert "not a ShapesBench rows.csv" in capsys.readouterr().err
 
 
+def test_a_stopped_run_keeps_its_finished_cases_and_summarises_them(tmp_path, monkeypatch):
+    import imagic.bench.shapes as bench
+
+    finished = []
+
+    def run_case_then_stop(*args, **kwargs):
+        if finished:
+            raise KeyboardInterrupt  # Ctrl-C during the second case
+        finished.append(1)
+        return real(*args, **kwargs)
+
+    real = bench.run_case
+    monkeypatch.setattr(bench, "run_case", run_case_then_stop)
+    out = tmp_path / "bench"
+    args = ["bench", "shapes", "--cases", "3", "--seeds", "0", "--methods", "text-only",
+            "--sample-steps", "2", "--out", str(out), "--quiet"]
+    assert main(args) == 130
+    with (out / "rows.csv").open() as f:
+        assert [r["case"] for r in csv.DictReader(f)] == ["0"]
+    assert (out / "summary.md").read_text().startswith("# ShapesBench: 1 cases × 1 seeds")
+    assert (out / "tradeoff.png").stat().st_size > 0
+    monkeypatch.setattr(bench, "run_case", real)
+    assert main(args) == 0  # resumed: cases 1 and 2 only
+    with (out / "rows.csv").open() as f:
+        assert [r["case"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+
+
 def test_from_case_holds_out_the_first_cases(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "shapes", "--cases", "3", "--from-case", "2", "--seeds", "0",

@@ -143,7 +143,8 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
 def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=ETAS,
         strengths=STRENGTHS, methods=METHODS, quiet: bool = False) -> Path:
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
-    then write the summary and the plot. Returns the CSV's path."""
+    then write the summary and the plot, also of a run stopped part way (Ctrl-C). Returns the
+    CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
     check_same_run(out, {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
                          "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict()}, backend)
@@ -153,12 +154,15 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
         done[(r["case"], r["seed"])].add(r["method"])
     jobs = [(c, s, missing) for c in cases for s in dict.fromkeys(seeds)
             if (missing := tuple(m for m in methods if m not in done[(c.index, s)]))]
-    with append_rows(path, FIELDS) as commit:
-        for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case", disable=quiet):
-            commit(run_case(backend, case, seed, config, etas, strengths, missing))
-    rows = read_rows(path)
-    write_text_atomic(summary(rows), out / "summary.md")
-    plot(rows, out / "tradeoff.png")
+    try:
+        with append_rows(path, FIELDS) as commit:
+            for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case",
+                                            disable=quiet):
+                commit(run_case(backend, case, seed, config, etas, strengths, missing))
+    finally:  # stopped or not, summarise the rows that are there
+        if rows := read_rows(path):
+            write_text_atomic(summary(rows), out / "summary.md")
+            plot(rows, out / "tradeoff.png")
     return path
 
 

@@ -186,13 +186,13 @@ def _first(err: BaseException) -> str:
 def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0,),
         etas: Sequence[float] | str = "auto", keep_sessions: bool = False,
         limit: int | None = None, quiet: bool = False) -> Path:
-    """Every (pair, seed) not yet in OUT/rows.csv; then summary.md and curve.png.
+    """Every (pair, seed) not yet in OUT/rows.csv; then summary.md and curve.png (also of a run
+    stopped part way).
 
     `etas` is a list of η, or "auto": sweep `auto_eta.AUTO_ETAS` and mark the η the rule picks
     per seed (column `auto`). Returns the CSV's path.
     """
-    from ..auto_eta import AUTO_ETAS, choose_etas
-    from ..editor import Imagic
+    from ..auto_eta import AUTO_ETAS
 
     pairs = read_pairs(data)[:limit]
     auto = etas == "auto"
@@ -202,34 +202,47 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
     path = out / "rows.csv"
     done = {(r["pair"], r["seed"]) for r in read_rows(path)}
     jobs = [(p, s) for p in pairs for s in dict.fromkeys(seeds) if (p.index, s) not in done]
-    with append_rows(path, FIELDS) as commit:
-        for pair, seed in tqdm(jobs, desc="TEdBench", unit="pair", disable=quiet):
-            image = load_image(pair.path)
-            cfg = replace(config, seed=seed, etas=sweep, seeds=(seed,))
-            editor = Imagic(backend, cfg, quiet=True)
-            session = editor.fit(image, pair.text)
-            results = editor.generate(session)
-            if keep_sessions:
-                session.save(out / "sessions" / f"{pair.slug}-seed{seed}")
-            chosen = choose_etas(backend, session, results)[seed].eta if auto else None
-            images = [r.image for r in results]
-            clip = metrics.clip(images, pair.text)
-            fidelity = metrics.lpips_similarity(images, session.input_image)
-            folder = out / "images" / pair.slug
-            folder.mkdir(parents=True, exist_ok=True)
-            rows = []
-            for r, c, lp in zip(results, clip, fidelity):
-                name = f"eta{r.eta:.2f}_seed{seed}.png"
-                save_atomic(r.image, folder / name)
-                rows.append({"pair": pair.index, "img_name": pair.img_name, "text": pair.text,
-                             "seed": seed, "eta": r.eta, "auto": int(r.eta == chosen),
-                             "clip_score": round(c, 4), "lpips_similarity": round(lp, 4),
-                             "file": f"images/{pair.slug}/{name}"})
-            commit(rows)  # all of a (pair, seed) at once: it is done or not started
-    rows = read_rows(path)
-    write_text_atomic(summary(rows), out / "summary.md")
-    plot(rows, out / "curve.png")
+    try:
+        with append_rows(path, FIELDS) as commit:
+            for pair, seed in tqdm(jobs, desc="TEdBench", unit="pair", disable=quiet):
+                # all of a (pair, seed) at once: it is done or not started
+                commit(run_pair(backend, pair, seed, config, sweep, auto, metrics, out,
+                                keep_sessions))
+    finally:  # stopped or not (Ctrl-C), summarise the rows that are there
+        if rows := read_rows(path):
+            write_text_atomic(summary(rows), out / "summary.md")
+            plot(rows, out / "curve.png")
     return path
+
+
+def run_pair(backend, pair, seed: int, config, sweep, auto: bool, metrics: Metrics, out: Path,
+             keep_sessions: bool) -> list[dict]:
+    """Stages 1–3 on one pair and seed; every output saved and scored."""
+    from ..auto_eta import choose_etas
+    from ..editor import Imagic
+
+    image = load_image(pair.path)
+    cfg = replace(config, seed=seed, etas=sweep, seeds=(seed,))
+    editor = Imagic(backend, cfg, quiet=True)
+    session = editor.fit(image, pair.text)
+    results = editor.generate(session)
+    if keep_sessions:
+        session.save(out / "sessions" / f"{pair.slug}-seed{seed}")
+    chosen = choose_etas(backend, session, results)[seed].eta if auto else None
+    images = [r.image for r in results]
+    clip = metrics.clip(images, pair.text)
+    fidelity = metrics.lpips_similarity(images, session.input_image)
+    folder = out / "images" / pair.slug
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r, c, lp in zip(results, clip, fidelity):
+        name = f"eta{r.eta:.2f}_seed{seed}.png"
+        save_atomic(r.image, folder / name)
+        rows.append({"pair": pair.index, "img_name": pair.img_name, "text": pair.text,
+                     "seed": seed, "eta": r.eta, "auto": int(r.eta == chosen),
+                     "clip_score": round(c, 4), "lpips_similarity": round(lp, 4),
+                     "file": f"images/{pair.slug}/{name}"})
+    return rows
 
 
 def read_rows(path: Path) -> list[dict]:
