@@ -44,8 +44,8 @@ def load_backend(
     revision: str | None = None,
 ) -> Backend:
     """Load a model: None (or "imagic:shapes-32", as sessions record it) for the embedded
-    ShapesWorld model; else an imagic model folder, a
-    Stable Diffusion hub id, diffusers folder or .safetensors file.
+    ShapesWorld model; else an imagic model folder, a Stable Diffusion hub id, diffusers folder
+    or .safetensors file.
 
     `config` is the diffusers folder whose configs describe a single-file checkpoint; offline, a
     single file needs it.
