@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
-from imagic.bench.shapes import FIELDS, KINDS, read_rows, summary
+from imagic.bench.shapes import FIELDS, KINDS, choose_auto, read_rows, summary
 from imagic.images import write_text_atomic
 
 
@@ -101,12 +101,11 @@ def rewrite(path: str) -> int:
         if r["method"] != "imagic-auto":
             continue
         sweep = sweeps[(r["case"], r["seed"])]
-        # the η that --eta auto sweeps, or every η the run has (as the benchmark does)
-        etas = sorted(e for e in sweep if e in AUTO_ETAS) or sorted(sweep)
-        if not etas:
+        if not sweep:
             sys.exit(f"{path}: case {r['case']} seed {r['seed']} has no imagic rows with signals")
-        eta = choose(etas, [float(sweep[e]["margin"]) for e in etas],
-                     [float(sweep[e]["distance"]) for e in etas])
+        etas = sorted(sweep)
+        eta = choose_auto(etas, [float(sweep[e]["margin"]) for e in etas],
+                          [float(sweep[e]["distance"]) for e in etas])
         new = {**sweep[eta], "method": "imagic-auto"}
         changed += new != r
         raw[i] = new

@@ -88,6 +88,14 @@ def score(case: Case, method: str, param: float, seed: int, image: Image.Image) 
             "status": c["status"], "text": case.text}
 
 
+def choose_auto(etas, margins, distances) -> float:
+    """The η `--eta auto` would pick from a benchmark's sweep: the rule applied to the η that
+    `--eta auto` sweeps (AUTO_ETAS), or to every η when the sweep has none of them."""
+    swept = [i for i, eta in enumerate(etas) if eta in AUTO_ETAS] or list(range(len(etas)))
+    return choose([etas[i] for i in swept], [margins[i] for i in swept],
+                  [distances[i] for i in swept])
+
+
 def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths,
              methods=METHODS) -> list[dict]:
     """The chosen methods on one (case, seed)."""
@@ -106,10 +114,7 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
             signals = choose_etas(backend, session, results)[seed]
             for row, margin, distance in zip(imagic_rows, signals.margins, signals.distances):
                 row.update(margin=round(margin, 8), distance=round(distance, 6))
-            swept = [i for i, eta in enumerate(signals.etas) if eta in AUTO_ETAS]
-            swept = swept or list(range(len(signals.etas)))
-            eta = choose([signals.etas[i] for i in swept], [signals.margins[i] for i in swept],
-                         [signals.distances[i] for i in swept])
+            eta = choose_auto(signals.etas, signals.margins, signals.distances)
             auto_row = {**next(r for r in imagic_rows if r["param"] == eta),
                         "method": "imagic-auto"}
         if "imagic" in methods:
