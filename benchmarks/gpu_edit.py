@@ -15,7 +15,11 @@ with random weights: speed does not depend on weight values, so nothing is downl
 - fast: the `fast` preset (the paper's sample budget in K-timestep batches), run twice: `cold`
   (the first edit in the process: allocator growth, kernel selection) and `steady` (the second);
 - low-memory: the fast preset with `--low-memory` (stage 2 trains a LoRA adapter with gradient
-  checkpointing), once, for its peak memory (the issue's bar: ≤ 12 GiB; the default ≤ 22 GiB).
+  checkpointing), once, for its peak memory (the issue's bar: ≤ 12 GiB; the default ≤ 22 GiB);
+- variants (`--variants`, optional, after the rest): candidates for a faster preset, each timed
+  once, warm: `lora` (stage 2 trains a LoRA adapter, no checkpointing: no weight gradients and
+  no Adam over 860M weights) and `lora-k16-dpm++20` (the same at K = 16 in stage 2, 94 × 16
+  samples, and DPM-Solver++ in 20 steps for the sweep). Their quality is not measured here.
 
 Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
 torch.cuda.max_memory_allocated per run on CUDA; on the CPU, the process's peak RSS so far.
@@ -34,6 +38,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from imagic.presets import EditConfig
 
 ETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the 8-image η sweep
 PAPER_STEPS = {"stage1": 1000, "stage2": 1500}
@@ -169,7 +175,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-preset", default="fast", help="the preset to compare (fast)")
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time the candidate presets (lora, lora-k16-dpm++20)")
+    parser.add_argument("--out", help="write the results as JSON here (after every run)")
     args = parser.parse_args(argv)
 
     from imagic import __version__
@@ -183,22 +191,6 @@ def main(argv=None) -> int:
     image = photo(backend.resolution)
     sweep = {"etas": ETAS, "seeds": (0,)}
 
-    # Warm-up: kernels, allocator and the sampler, not counted
-    measure(backend, replace(get_preset("paper"), embed_steps=2, finetune_steps=2,
-                             sample_steps=2, etas=(1.0,), seeds=(0,)), image)
-    n = args.reference_steps
-    short, long = (measure(backend, replace(get_preset("paper"), embed_steps=m, finetune_steps=m,
-                                            **sweep), image) for m in (n, 2 * n))
-    fast_config = get_preset(args.fast_preset)
-    if args.fast_scale != 1.0:
-        fast_config = replace(
-            fast_config, embed_steps=max(1, round(fast_config.embed_steps * args.fast_scale)),
-            finetune_steps=max(1, round(fast_config.finetune_steps * args.fast_scale)))
-    fast_config = replace(fast_config, **sweep)
-    cold = measure(backend, fast_config, image)
-    steady = measure(backend, fast_config, image)
-    low = measure(backend, low_memory(fast_config), image)
-    projected = project(short, long)
     result = {
         "benchmark": "gpu_edit",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -211,31 +203,76 @@ def main(argv=None) -> int:
         "resolution": backend.resolution,
         "parameters": backend.parameter_counts(),
         "versions": {"imagic": __version__, **library_versions()},
-        "reference": {"preset": "paper", "measured": [short, long], "projected": projected,
-                      "note": f"timed over {n} and {2 * n} steps per stage; the difference "
-                              f"projected to {PAPER_STEPS['stage1']} + "
-                              f"{PAPER_STEPS['stage2']} steps, fixed costs counted once"},
-        "fast": {"preset": args.fast_preset, "scale": args.fast_scale, "cold": cold,
-                 "steady": steady, "low_memory": low},
-        "speedup_steady": round(projected["total_s"] / steady["total_s"], 2),
-        "speedup_cold": round(projected["total_s"] / cold["total_s"], 2),
     }
+
+    def save() -> None:  # after every run, so a run cut short keeps what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    # Warm-up: kernels, allocator and the sampler, not counted
+    measure(backend, replace(get_preset("paper"), embed_steps=2, finetune_steps=2,
+                             sample_steps=2, etas=(1.0,), seeds=(0,)), image)
+    n = args.reference_steps
+    short, long = (measure(backend, replace(get_preset("paper"), embed_steps=m, finetune_steps=m,
+                                            **sweep), image) for m in (n, 2 * n))
+    projected = project(short, long)
+    result["reference"] = {
+        "preset": "paper", "measured": [short, long], "projected": projected,
+        "note": f"timed over {n} and {2 * n} steps per stage; the difference projected to "
+                f"{PAPER_STEPS['stage1']} + {PAPER_STEPS['stage2']} steps, fixed costs counted "
+                f"once"}
+    save()
+    fast_config = get_preset(args.fast_preset)
+    if args.fast_scale != 1.0:
+        fast_config = replace(
+            fast_config, embed_steps=max(1, round(fast_config.embed_steps * args.fast_scale)),
+            finetune_steps=max(1, round(fast_config.finetune_steps * args.fast_scale)))
+    fast_config = replace(fast_config, **sweep)
+    result["fast"] = {"preset": args.fast_preset, "scale": args.fast_scale}
+    for name, config in (("cold", fast_config), ("steady", fast_config),
+                         ("low_memory", low_memory(fast_config))):
+        result["fast"][name] = measure(backend, config, image)
+        print(name, json.dumps(result["fast"][name]), flush=True)
+        save()
+    result["speedup_steady"] = round(projected["total_s"] / result["fast"]["steady"]["total_s"], 2)
+    result["speedup_cold"] = round(projected["total_s"] / result["fast"]["cold"]["total_s"], 2)
+    save()
+    if args.variants:
+        result["variants"] = {}
+        for name, config in variants(fast_config).items():
+            run = measure(backend, config, image)
+            run["speedup"] = round(projected["total_s"] / run["total_s"], 2)
+            result["variants"][name] = run
+            print(name, json.dumps(run), flush=True)
+            save()
     print_table(result)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def variants(fast: EditConfig) -> dict[str, EditConfig]:
+    """Candidates for a faster preset (`--variants`): stage 2 as a LoRA adapter without
+    checkpointing, then also K = 16 in stage 2 (the same 1,504 samples) and DPM-Solver++ 20."""
+    lora = replace(fast, finetune="lora")
+    k16 = replace(lora, finetune_timesteps_per_step=16,
+                  finetune_steps=round(fast.finetune_steps * fast.finetune_timesteps_per_step
+                                       / 16),
+                  sampler="dpm++", sample_steps=20)
+    return {"lora": lora, "lora-k16-dpm++20": k16}
 
 
 def print_table(r: dict) -> None:
     ref, proj = r["reference"]["measured"][-1], r["reference"]["projected"]
     rows = [("reference (projected)", proj["stage1_s"], proj["stage2_s"], proj["generate_s"],
              proj["total_s"], ref["peak_memory_gib"])]
-    for name in ("cold", "steady", "low_memory"):
-        f = r["fast"][name]
-        rows.append((f"{r['fast']['preset']} {name}", f["stage1_s"], f["stage2_s"],
-                     f["generate_s"], f["total_s"], f["peak_memory_gib"]))
+    runs = [(f"{r['fast']['preset']} {name}", r["fast"][name])
+            for name in ("cold", "steady", "low_memory")]
+    runs += [(name, run) for name, run in r.get("variants", {}).items()]
+    for name, f in runs:
+        rows.append((name, f["stage1_s"], f["stage2_s"], f["generate_s"], f["total_s"],
+                     f["peak_memory_gib"]))
     print(f"{r['device']} — {r['shape']} at {r['resolution']} px, 8-image η sweep")
     print(f"{'run':24} {'stage 1 s':>10} {'stage 2 s':>10} {'sweep s':>9} {'total s':>9} "
           f"{'peak GiB':>9}")

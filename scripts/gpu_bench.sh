@@ -3,9 +3,9 @@
 # root, with $OUT set to a folder whose files come back:
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
 # Runs benchmarks/gpu_edit.py (SD-1.5 shape, random weights: the paper's way against the `fast`
-# preset, one process; about 3 minutes on an H100). Knobs: PYTHON (default python3), DEVICE
-# (default cuda; DEVICE=cpu TINY=1 for a smoke test), REF_STEPS (default 30). Carry .whl/ when
-# the machine lacks diffusers. Returns in $OUT: log.txt and gpu_edit.json (commit it under
+# preset in one process, then two candidate presets; about 5 minutes on an H100). Knobs:
+# PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu TINY=1 for a smoke test),
+# REF_STEPS (default 30). Carry .whl/ when the machine lacks diffusers. Returns in $OUT: log.txt and gpu_edit.json (commit it under
 # docs/perf/).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
@@ -19,5 +19,5 @@ source scripts/device_env.sh
 
 echo "== gpu_edit $(date -u +%FT%TZ)"
 "$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-30}" \
-    ${TINY:+--tiny} --out "$OUT/gpu_edit.json"
+    --variants ${TINY:+--tiny} --out "$OUT/gpu_edit.json"
 echo "== done $(date -u +%FT%TZ)"

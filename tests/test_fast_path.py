@@ -77,7 +77,7 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "r.json"
     assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "2",
-                       "--fast-scale", "0.02", "--out", str(out)]) == 0
+                       "--fast-scale", "0.02", "--variants", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     short, long = r["reference"]["measured"]
     assert (short["stage1_steps"], long["stage1_steps"], long["images"]) == (2, 4, 8)
@@ -91,3 +91,6 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     assert r["speedup_steady"] == pytest.approx(
         r["reference"]["projected"]["total_s"] / r["fast"]["steady"]["total_s"], rel=0.01)
     assert r["shape"] == "tiny" and "torch" in r["versions"]
+    lora, k16 = r["variants"]["lora"], r["variants"]["lora-k16-dpm++20"]
+    assert lora["finetune"] == "lora" and not lora["gradient_checkpointing"]
+    assert k16["stage2_samples"] == k16["stage2_steps"] * 16  # the same budget in K = 16 steps
