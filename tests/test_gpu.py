@@ -21,7 +21,17 @@ def test_cuda_edit_uses_bf16_frozen_parts_and_restores_fp32_weights(tiny_model_d
     config = replace(EditConfig(), embed_steps=3, finetune_steps=3, sample_steps=3, etas=(1.0,))
     editor = Imagic(backend, config, quiet=True)
     session = editor.fit(make_photo(), "a photo of a sitting dog")
-    assert all(t.dtype == torch.float32 for t in session.delta.tensors.values())
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu"
+               for t in session.delta.tensors.values())
+    # the peak memory of every stage is recorded beside its seconds
+    assert {"stage1_peak_gib", "stage2_peak_gib"} <= session.timings.keys()
     assert len(editor.generate(session)) == 1
+    assert session.timings["generate_peak_gib"] > 0
+    after = backend.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    # θ' in place exactly while sampling (copied through pinned memory), θ exactly after
+    with backend.apply_delta(session.delta):
+        params = dict(backend.unet.named_parameters())
+        assert all(torch.equal(params[k].cpu(), v) for k, v in session.delta.tensors.items())
     after = backend.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())

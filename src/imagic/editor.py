@@ -194,23 +194,21 @@ class Imagic:
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(image.convert("RGB"), backend.resolution, pad=pad)
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        x0 = backend.encode_image(square)
-        e_tgt = backend.encode_text([text])
-        timings["encode_s"] = time.perf_counter() - start
+        with _measured(timings, "encode", backend.device):
+            x0 = backend.encode_image(square)
+            e_tgt = backend.encode_text([text])
         # 3. Stage 1: optimize the text embedding (θ frozen)
-        start = time.perf_counter()
-        e_opt, losses1 = optimize_embedding(backend, x0, e_tgt, config, self.quiet)
-        timings["stage1_s"] = time.perf_counter() - start
+        with _measured(timings, "stage1", backend.device):
+            e_opt, losses1 = optimize_embedding(backend, x0, e_tgt, config, self.quiet)
         # 4. Stage 2: fine-tune the model on e_opt; cascades also fine-tune their
         #    super-resolution stages on e_tgt. take_delta() restores the base model.
-        start = time.perf_counter()
-        losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
-        for stage in backend.auxiliary_stages:
-            x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad), stage)
-            finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
-        delta = backend.take_delta()
-        timings["stage2_s"] = time.perf_counter() - start
+        with _measured(timings, "stage2", backend.device):
+            losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
+            for stage in backend.auxiliary_stages:
+                x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad),
+                                                stage)
+                finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
+            delta = backend.take_delta()
         return EditSession(
             text=text,
             e_tgt=e_tgt.map(lambda t: t.detach().cpu()),
@@ -234,16 +232,30 @@ class Imagic:
         sampler: str | None = None,
     ) -> list[EditImage]:
         """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
-        start = time.perf_counter()
-        images = generate(
-            self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
-            sampler=sampler,
-        )
-        session.timings["generate_s"] = time.perf_counter() - start
+        with _measured(session.timings, "generate", self.backend.device):
+            images = generate(
+                self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
+                sampler=sampler,
+            )
         return images
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
+    """Record a step's seconds as timings[name_s] and, on a GPU, its peak memory as
+    timings[name_peak_gib] (torch.cuda.max_memory_allocated: tensors, not the allocator's
+    cache). Every stage ends by reading a result back, so the clock stops after the GPU."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield
+    timings[f"{name}_s"] = time.perf_counter() - start
+    if cuda:
+        timings[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
 
 @contextmanager

@@ -136,7 +136,7 @@ class UNetBackend:
             self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
             self._lora_rank = lora_rank
             return [p for p in self.unet.parameters() if p.requires_grad]
-        self._backup = {n: p.detach().to("cpu", copy=True) for n, p in self.unet.named_parameters()}
+        self._backup = _host_copies(dict(self.unet.named_parameters()))
         self.unet.requires_grad_(True)
         return list(self.unet.parameters())
 
@@ -150,12 +150,13 @@ class UNetBackend:
             self.unet.unload_lora()
         else:  # full: the tensors that changed, then restore θ exactly
             delta = Delta("full")
+            params = dict(self.unet.named_parameters())
             with torch.no_grad():
-                for name, p in self.unet.named_parameters():
-                    now = p.detach().cpu()
+                for name, now in _host_copies(params).items():
                     if not torch.equal(now, self._backup[name]):
-                        delta.tensors[name] = now.clone()
-                        p.copy_(self._backup[name])
+                        delta.tensors[name] = now
+                        params[name].copy_(self._backup[name], non_blocking=True)
+            _wait_for(self.device)  # the backup may be freed only once it is copied back
             self._backup = None
         self.unet.requires_grad_(False)
         return delta
@@ -184,16 +185,17 @@ class UNetBackend:
         unknown = sorted(set(delta.tensors) - set(params))
         if unknown:
             raise ModelError(f"the session's weights do not fit this UNet (e.g. {unknown[0]})")
-        saved = {name: params[name].detach().to("cpu", copy=True) for name in delta.tensors}
+        saved = _host_copies({name: params[name] for name in delta.tensors})
         with torch.no_grad():
             for name, value in delta.tensors.items():
-                params[name].copy_(value)
+                params[name].copy_(value, non_blocking=True)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, value in saved.items():
-                    params[name].copy_(value)
+                    params[name].copy_(value, non_blocking=True)
+            _wait_for(self.device)
 
     # -- stage 3: sampling ------------------------------------------------------------------
 
@@ -254,6 +256,32 @@ def make_sampler(name: str, config):
             config, algorithm_type="dpmsolver++", solver_order=2
         )
     raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of (GPU) tensors. From a GPU into pinned memory without blocking, then one
+    wait: for SD-1.5's 3.4 GB of UNet weights a pageable copy, tensor by tensor, costs about a
+    second each way; pinned, a few tenths (docs/PERFORMANCE.md). A GPU can copy pinned copies
+    back without blocking too."""
+    copies = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.is_cuda:
+            copies[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            copies[name].copy_(t, non_blocking=True)
+        else:
+            copies[name] = t.to("cpu", copy=True)
+    for t in tensors.values():
+        if t.is_cuda:
+            _wait_for(t.device)
+            break
+    return copies
+
+
+def _wait_for(device: torch.device) -> None:
+    """Wait for the copies queued on a GPU (none to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _count(module: torch.nn.Module) -> int:
