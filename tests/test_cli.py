@@ -22,6 +22,15 @@ def run(capsys, *args):
     return code, out, err
 
 
+def test_edit_ends_with_each_stages_time_and_the_gpu_peak():
+    from imagic.cli import time_and_memory
+
+    cpu = {"encode_s": 0.1, "stage1_s": 9.16, "stage2_s": 29.17, "generate_s": 3.89}
+    assert time_and_memory(cpu) == "time: stage 1 9.2 s, stage 2 29.2 s, stage 3 3.9 s"
+    gpu = {**cpu, "stage1_peak_gib": 23.45, "stage2_peak_gib": 21.18, "generate_peak_gib": 10.9}
+    assert time_and_memory(gpu).endswith("; peak GPU memory 23.4 GiB")
+
+
 def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
     capsys, tmp_path, tiny_model_dir, photo_path
 ):

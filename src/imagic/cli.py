@@ -335,7 +335,19 @@ def cmd_edit(args) -> int:
                   {"command": "edit", "image": str(Path(args.image).resolve()),
                    "session": str(session_dir) if session_dir else None}, choices)
     _say(args, out, results, session_dir, choices)
+    if not args.quiet:
+        print(time_and_memory(session.timings))
     return 0
+
+
+def time_and_memory(timings: dict[str, float]) -> str:
+    """One line for the end of an edit: each stage's seconds and, on a GPU, the peak memory
+    (the largest of the stages' `torch.cuda.max_memory_allocated`)."""
+    stages = [("stage1", "stage 1"), ("stage2", "stage 2"), ("generate", "stage 3")]
+    line = "time: " + ", ".join(f"{label} {timings[f'{key}_s']:.1f} s"
+                                for key, label in stages if f"{key}_s" in timings)
+    peaks = [v for k, v in timings.items() if k.endswith("_peak_gib")]
+    return line + (f"; peak GPU memory {max(peaks):.1f} GiB" if peaks else "")
 
 
 def cmd_generate(args) -> int:
