@@ -169,6 +169,8 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
         (["edit", "{photo}", "a dog", "--model", "{model}", "--embed-steps", "-1"], "embed_steps"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--low-memory", "--finetune", "full"],
          "drop --finetune full"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--device", "cpu", "--dtype",
+          "bfloat16"], "needs a CUDA GPU"),
         (["generate", "{file}", "--eta", "0.5"], "not an imagic session"),
         (["info", "{pickled}"], "pickled"),
     ],

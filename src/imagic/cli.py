@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
         p.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "bfloat16", "float16"],
-                       help="precision of frozen parts and autocast "
-                            "(auto: bf16 on CUDA, fp32 on CPU)")
+                       help="precision of frozen parts and autocast on CUDA "
+                            "(auto: bf16 on CUDA; the CPU runs float32 only)")
 
     def stage3_options(p):
         p.add_argument("--eta", type=parse_eta_or_auto,

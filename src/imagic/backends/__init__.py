@@ -32,6 +32,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    if device.type != "cuda" and DTYPES[dtype] != torch.float32:
+        # the backends run everything in float32 off CUDA: refuse rather than ignore the request
+        raise InputError(f"--dtype {dtype} needs a CUDA GPU; on {device.type} imagic runs "
+                         f"float32 (--dtype auto or float32)")
     return DTYPES[dtype]
 
 
