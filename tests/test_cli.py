@@ -63,6 +63,16 @@ def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
     for name in names:
         np.testing.assert_array_equal(np.asarray(Image.open(out / name)),
                                       np.asarray(Image.open(again / name)))
+    # without --out, a re-render goes to a new folder beside the session, never over the edit
+    for n in (1, 2):
+        assert main(["generate", str(out / "session"), "--eta", "0.6", "--seeds", "1",
+                     "--quiet"]) == 0
+        render = json.loads((out / f"session-render-{n}" / "manifest.json").read_text())
+        assert render["command"] == "generate" and len(render["images"]) == 1
+    assert json.loads((out / "manifest.json").read_text())["command"] == "edit"
+    assert len(json.loads((out / "manifest.json").read_text())["images"]) == 6
+    code, _, err = run(capsys, "generate", out / "session", "--out", out / "session")
+    assert code == 2 and "session" in err
     # one image alone is sampled in a smaller batch: CPU kernels may round differently, by at
     # most a level or two of 255, never more
     alone = tmp_path / "alone"
@@ -171,6 +181,13 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
          "drop --finetune full"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--device", "cpu", "--dtype",
           "bfloat16"], "needs a CUDA GPU"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--out", "{file}/sub"],
+         "cannot be made"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--session", "{file}"], "is a file"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--out", "o", "--session", "o"],
+         "same folder"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--session", "s", "--no-session"],
+         "contradict"),
         (["generate", "{file}", "--eta", "0.5"], "not an imagic session"),
         (["info", "{pickled}"], "pickled"),
     ],
@@ -179,8 +196,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, bad_i
                                                          message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [a.format(**bad_inputs) for a in args]
+    before = sorted(tmp_path.rglob("*"))
     one_line_error(capsys, *args, message=message)
-    assert not (tmp_path / "imagic-out").exists()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no folder made
 
 
 def test_console_script_is_installed():

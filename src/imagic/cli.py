@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precision of frozen parts and autocast on CUDA "
                             "(auto: bf16 on CUDA; the CPU runs float32 only)")
 
-    def stage3_options(p):
+    def stage3_options(p, out_help):
         p.add_argument("--eta", type=parse_eta_or_auto,
                        help="η values: 0.6,0.7 or 0.5:1.0:0.1, or auto (sweep 0.4:1.2:0.1 and "
                             "pick one per seed, written as auto_seedS.png)")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampler", choices=SAMPLERS,
                        help="stage 3's solver: ddim (the paper's) or dpm++ (DPM-Solver++ 2M: "
                             "use ~20 steps); default: the preset's or the session's")
-        p.add_argument("--out", default="imagic-out", help="output folder (default: imagic-out)")
+        p.add_argument("--out", help=out_help)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     edit = sub.add_parser(
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--preset", default=None,
                       help=f"recipe: {', '.join(sorted(PRESETS))} (default: the model's own, "
                            f"{DEFAULT_PRESET} for Stable Diffusion, shapes for the embedded one)")
-    stage3_options(edit)
+    stage3_options(edit, "output folder (default: imagic-out)")
     edit.add_argument("--session", help="where to save the session (default: OUT/session)")
     edit.add_argument("--no-session", action="store_true", help="do not save the session")
     edit.add_argument("--pad", action="store_true",
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("session", help="a session folder written by `imagic edit`")
     model_options(gen)
-    stage3_options(gen)
+    stage3_options(gen, "output folder (default: SESSION-render-N beside the session, "
+                        "the first N not taken)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser(
@@ -279,11 +281,44 @@ CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
 }
 
 
-def check_out_dir(path: str) -> Path:
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A folder that can be written, checked before anything costly runs: it is a folder or
+    can be made one (no file on the way), and it is writable. Nothing is created here."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; choose a folder")
+        raise InputError(f"{flag} {out} is a file; choose a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {out}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {out}: {existing} is not writable")
+    if flag == "--out" and (out / "delta.safetensors").exists():
+        raise InputError(f"--out {out} holds a session; choose another folder")
     return out
+
+
+def check_session_dir(path: Path, out: Path) -> Path:
+    """Where `edit` saves the session: writable, not a folder of something else, and not the
+    --out folder itself (both hold a manifest.json)."""
+    from .session import EditSession
+
+    check_out_dir(path, "--session")
+    if path.resolve() == out.resolve():
+        raise InputError("--session and --out are the same folder; the session needs its own "
+                         "(default: OUT/session)")
+    EditSession.check_destination(path)
+    return path
+
+
+def next_render_dir(session: Path) -> Path:
+    """generate's default --out: SESSION-render-N beside the session, the first N not taken,
+    so a re-render never writes over the edit's outputs or an earlier re-render."""
+    n = 1
+    while (session.parent / f"{session.name}-render-{n}").exists():
+        n += 1
+    return session.parent / f"{session.name}-render-{n}"
 
 
 def _load(args, model):
@@ -304,10 +339,11 @@ def cmd_edit(args) -> int:
     image = load_image(args.image)
     if not " ".join(args.text.split()):
         raise InputError("the target text is empty: say what the edited image should show")
-    out = check_out_dir(args.out)
-    session_dir = None if args.no_session else Path(args.session or out / "session")
-    if session_dir is not None and session_dir.exists() and not session_dir.is_dir():
-        raise InputError(f"--session {session_dir} is a file; choose a folder")
+    out = check_out_dir(args.out or "imagic-out")
+    if args.no_session and args.session:
+        raise InputError("--session and --no-session contradict each other; give one")
+    session_dir = None if args.no_session else check_session_dir(
+        Path(args.session or out / "session"), out)
     overrides = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
                  if getattr(args, flag) is not None}
     if args.eta == "auto":
@@ -355,8 +391,11 @@ def cmd_generate(args) -> int:
     from .editor import Imagic
     from .session import EditSession
 
-    out = check_out_dir(args.out)
     session = EditSession.load(args.session)
+    out = check_out_dir(args.out or next_render_dir(Path(args.session)))
+    if out.resolve() == Path(args.session).resolve():
+        raise InputError("--out is the session folder; choose another (default: "
+                         "SESSION-render-N beside it)")
     backend = _load(args, args.model or session.model.get("source"))
     session.check_model(backend)
     editor = Imagic(backend, session.config, quiet=args.quiet)

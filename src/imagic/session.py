@@ -103,13 +103,7 @@ class EditSession:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the folder under a temporary name, then rename it into place (replacing an
         earlier session there), so an interrupted save never leaves a half-written session."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise SessionError(f"{path} is a file; choose a folder for the session")
-        if path.is_dir() and any(path.iterdir()) and not (path / "manifest.json").exists():
-            raise SessionError(
-                f"{path} is a non-empty folder that is not a session; choose another"
-            )
+        path = self.check_destination(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -132,6 +126,19 @@ class EditSession:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return path
+
+    @staticmethod
+    def check_destination(path: str | os.PathLike) -> Path:
+        """A session may be saved at `path`: a new folder, an empty one, or an earlier session
+        (which it replaces); never a file or a folder of something else."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise SessionError(f"{path} is a file; choose a folder for the session")
+        if path.is_dir() and any(path.iterdir()) and not (path / "manifest.json").exists():
+            raise SessionError(
+                f"{path} is a non-empty folder that is not a session; choose another"
+            )
         return path
 
     @classmethod
