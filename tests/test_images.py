@@ -31,6 +31,19 @@ def test_safe_modes_convert_to_rgb(tmp_path, mode):
     assert loaded.mode == "RGB" and loaded.size == (80, 80)
 
 
+def test_camera_orientation_is_applied(tmp_path):
+    # a phone portrait: pixels stored landscape, EXIF orientation 6 (rotate 90° clockwise)
+    stored = np.zeros((80, 120, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    loaded = load_image(save(tmp_path, Image.fromarray(stored), "photo.jpg", exif=exif,
+                             quality=95))
+    assert loaded.size == (80, 120)  # shown upright: portrait
+    pixels = np.asarray(loaded).mean(axis=2)
+    assert pixels[:10].mean() > 200 and pixels[-10:].mean() < 50  # the band is now on top
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     array = np.full((80, 80), 65535, np.uint16)
     array[:, :40] = 32896  # mid gray in 16 bits = 128 in 8 bits

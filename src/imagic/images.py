@@ -47,7 +47,9 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
                     f"{path} is animated ({frames} frames): "
                     "export the frame to edit as a still image"
                 )
-            image = img.copy()
+            # as the user sees it: a camera's EXIF orientation (phone portraits are stored
+            # sideways) applied to the pixels
+            image = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image Pillow can read") from None
     except OSError as err:
