@@ -188,6 +188,12 @@ def test_missing_data_folder_is_one_line(tmp_path, capsys):
     assert "input_list.json" in capsys.readouterr().err
 
 
+def test_tedbench_needs_a_photo_model(mini_tedbench, tmp_path, capsys):
+    assert main(["bench", "tedbench", "--data", str(mini_tedbench),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
                     reason="torchvision is installed here")
 def test_lpips_without_torchvision_says_what_to_install():

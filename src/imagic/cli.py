@@ -29,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (and exit status 2, like argparse)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
+        if message.startswith("argument --eta: expected one argument"):
+            # argparse reads "--eta -0.5,0.5" as --eta followed by an option named -0.5,0.5
+            message += " (for a list that starts below 0 write --eta=-0.5,0.5)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -352,6 +355,13 @@ def cmd_edit(args) -> int:
         overrides["finetune_timesteps_per_step"] = None  # one K for both stages, as asked
     if args.low_memory and args.finetune == "full":
         raise InputError("--low-memory trains a LoRA adapter: drop --finetune full")
+    lora = args.low_memory or args.finetune == "lora"  # every preset fine-tunes in full
+    if not lora and (args.lora_rank is not None or args.lora_lr is not None):
+        raise InputError("--lora-rank and --lora-lr set a LoRA stage 2: add --finetune lora "
+                         "(or --low-memory), or drop them")
+    if lora and args.finetune_lr is not None:
+        raise InputError("--finetune-lr is the full fine-tune's rate; a LoRA stage 2 uses "
+                         "--lora-lr")
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails before the model loads
     replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers
@@ -465,6 +475,8 @@ def cmd_bench_tedbench(args) -> int:
 
     # Check the data, the metric weights and the numbers before loading the model
     read_pairs(args.data)
+    if args.model is None:  # the embedded 32×32 ShapesWorld model cannot edit photos
+        raise InputError("TEdBench edits photos: name a Stable Diffusion model with --model")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     out = check_out_dir(args.out)

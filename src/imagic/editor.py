@@ -144,6 +144,7 @@ def generate(
         sampler=config.sampler if sampler is None else sampler,
     )  # replace() re-runs the checks on η, seeds, guidance, steps and sampler
     session.check_model(backend)
+    check_sample_steps(backend, config.sample_steps)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
     uncond = backend.encode_text([""])
     e_tgt = session.e_tgt.map(lambda t: t.to(backend.device))
@@ -191,6 +192,7 @@ class Imagic:
         # 1. Check inputs
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
+        check_sample_steps(backend, config.sample_steps)
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(image.convert("RGB"), backend.resolution, pad=pad)
         timings: dict[str, float] = {}
@@ -306,6 +308,14 @@ def _optimize(loss_fn, optimizer, steps: int, label: str, quiet: bool) -> list[f
             pending.clear()
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
     return losses
+
+
+def check_sample_steps(backend: Backend, steps: int) -> None:
+    """A sampler cannot take more steps than the model's noise schedule has timesteps: say so
+    before any training rather than after it."""
+    if steps > backend.train_timesteps:
+        raise InputError(f"{steps} sampling steps: this model's schedule has "
+                         f"{backend.train_timesteps} timesteps, the most there can be")
 
 
 def check_text(backend: Backend, text: str) -> str:

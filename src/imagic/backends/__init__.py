@@ -21,8 +21,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):  # mps, xpu, …: not what imagic is built for
+        raise InputError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but this machine has no CUDA GPU")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return resolved
 
 

@@ -81,6 +81,7 @@ class Backend(Protocol):
     - `resolution`: pixels of the square image it edits;
     - `prediction_type`: "epsilon" or "v_prediction";
     - `max_text_tokens`, `device`;
+    - `train_timesteps`: the noise schedule's length, the most sampling steps there can be;
     - `default_preset`: the presets.py recipe for this family;
     - `auxiliary_stages`: names of a cascade's super-resolution stages, which stage 2 also
       fine-tunes, conditioned on e_tgt (empty for latent models);
@@ -91,6 +92,7 @@ class Backend(Protocol):
     resolution: int
     prediction_type: str
     max_text_tokens: int
+    train_timesteps: int
     device: torch.device
     auxiliary_stages: tuple[str, ...]
     default_preset: str

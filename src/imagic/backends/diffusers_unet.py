@@ -58,6 +58,7 @@ class UNetBackend:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"prediction type {self.prediction_type!r} is not supported")
         self.max_text_tokens = tokenizer.model_max_length
+        self.train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self._backup: dict[str, torch.Tensor] | None = None  # θ before stage 2 (full mode)
         self._lora_rank = 0
 
