@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imagic.cli import main
+from imagic.errors import ModelError
 
 FAST = ["--embed-steps", "3", "--finetune-steps", "3", "--sample-steps", "3", "--quiet"]
 
@@ -20,6 +21,30 @@ def run(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_generate_reloads_the_sessions_model_as_it_was_loaded(tmp_path, tiny_model_dir,
+                                                              photo_path, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["edit", str(photo_path), "a dog", "--model", str(tiny_model_dir), "--eta", "1",
+                 "--out", str(out), *FAST]) == 0
+    manifest = out / "session" / "manifest.json"
+    session = json.loads(manifest.read_text())
+    # as a single-file checkpoint's session records it (a hub model's: the snapshot's revision)
+    session["model"] |= {"config": "/models/sd15-configs", "revision": "0123abc"}
+    manifest.write_text(json.dumps(session))
+    seen = {}
+
+    def fake_load(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise ModelError("stop here")
+
+    monkeypatch.setattr("imagic.backends.load_backend", fake_load)
+    assert main(["generate", str(out / "session"), "--quiet"]) == 2
+    assert seen["model"] == session["model"]["source"]
+    assert (seen["config"], seen["revision"]) == ("/models/sd15-configs", "0123abc")
+    assert main(["generate", str(out / "session"), "--revision", "main", "--quiet"]) == 2
+    assert seen["revision"] == "main"  # what the user names wins
 
 
 def test_edit_ends_with_each_stages_time_and_the_gpu_peak():

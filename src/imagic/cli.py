@@ -324,12 +324,12 @@ def next_render_dir(session: Path) -> Path:
     return session.parent / f"{session.name}-render-{n}"
 
 
-def _load(args, model):
+def _load(args, model, config=None, revision=None):
     from .backends import load_backend
 
     return load_backend(model, device=args.device, dtype=args.dtype,
-                        allow_pickle=args.allow_pickle, config=args.config,
-                        revision=args.revision)
+                        allow_pickle=args.allow_pickle, config=args.config or config,
+                        revision=args.revision or revision)
 
 
 def cmd_edit(args) -> int:
@@ -406,7 +406,11 @@ def cmd_generate(args) -> int:
     if out.resolve() == Path(args.session).resolve():
         raise InputError("--out is the session folder; choose another (default: "
                          "SESSION-render-N beside it)")
-    backend = _load(args, args.model or session.model.get("source"))
+    if args.model:
+        backend = _load(args, args.model)
+    else:  # the session's own model, as it was loaded: revision and single-file configs too
+        saved = session.model
+        backend = _load(args, saved.get("source"), saved.get("config"), saved.get("revision"))
     session.check_model(backend)
     editor = Imagic(backend, session.config, quiet=args.quiet)
     etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas

@@ -83,6 +83,10 @@ def load_stable_diffusion(
                 f"could not load {path.name} as a Stable Diffusion checkpoint{hint} "
                 f"({_short(err)})"
             ) from None
+        # where to load it again (`imagic generate` without --model): absolute paths, and the
+        # configs folder that an offline single-file load needs
+        identity["source"] = str(path.resolve())
+        identity["config"] = str(Path(config).expanduser().resolve()) if config else None
         identity["file_size"] = path.stat().st_size
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
