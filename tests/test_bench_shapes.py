@@ -2,6 +2,7 @@
 is scored from the same seeds, and a stopped run resumes without redoing finished cases."""
 
 import csv
+import json
 
 from imagic.bench.shapes import KINDS, make_cases
 from imagic.cli import main
@@ -105,6 +106,17 @@ def test_from_case_holds_out_the_first_cases(tmp_path):
         assert [r["case"] for r in csv.DictReader(f)] == ["2"]
     assert main(["bench", "shapes", "--cases", "3", "--from-case", "3", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_recipe_flags_reach_the_run_record(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--methods", "text-only",
+                 "--sample-steps", "2", "--timesteps-per-step", "16",
+                 "--finetune-timesteps-per-step", "8", "--embed-lr", "0.05", "--out", str(out),
+                 "--quiet"]) == 0
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["timesteps_per_step"], config["finetune_timesteps_per_step"]) == (16, 8)
+    assert config["embed_lr"] == 0.05 and config["sample_steps"] == 2
 
 
 def test_rows_file_with_other_columns_is_refused_and_commits_are_whole(tmp_path):

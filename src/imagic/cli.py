@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--finetune-lr", type=float, help="override the preset's stage 2 lr")
     shapes.add_argument("--timesteps-per-step", type=int,
                         help="override the preset's K (both stages)")
+    shapes.add_argument("--finetune-timesteps-per-step", type=int,
+                        help="K for stage 2 only (after --timesteps-per-step)")
     shapes.add_argument("--sample-steps", type=int, help="override the preset's sampling steps")
     shapes.add_argument("--sampler", choices=SAMPLERS, help="override the preset's sampler")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -460,6 +462,8 @@ def cmd_bench_shapes(args) -> int:
     if args.timesteps_per_step is not None:
         overrides.update(timesteps_per_step=args.timesteps_per_step,
                          finetune_timesteps_per_step=None)
+    if args.finetune_timesteps_per_step is not None:
+        overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
     config = replace(get_preset(args.preset), **overrides)
     backend = load_backend(args.model, device=args.device)
     cases = make_cases(args.cases)[args.from_case:]
