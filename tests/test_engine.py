@@ -182,6 +182,79 @@ def test_damaged_session_gives_one_line(tmp_path):
         EditSession.load(tmp_path)
 
 
+def test_a_session_keeps_its_losses_and_a_broken_manifest_is_one_error(backend, tmp_path):
+    import json
+
+    session = Imagic(backend, replace(QUICK, embed_steps=3, finetune_steps=4),
+                     quiet=True).fit(make_photo(), TEXT)
+    session.save(tmp_path / "s")
+    loaded = EditSession.load(tmp_path / "s")
+    assert [len(v) for v in loaded.losses.values()] == [3, 4]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for broken in ({k: v for k, v in manifest.items() if k != "delta"},
+                   {**manifest, "config": {**manifest["config"], "etas": 5.0}}):
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(SessionError, match="damaged or incomplete"):
+            EditSession.load(tmp_path / "s")
+
+
+def test_a_session_is_never_saved_over_other_files(backend, tmp_path):
+    session = Imagic(backend, replace(QUICK, embed_steps=1, finetune_steps=1),
+                     quiet=True).fit(make_photo(), TEXT)
+    out = tmp_path / "edit-out"  # an edit's output folder: a manifest.json, not a session's
+    out.mkdir()
+    (out / "manifest.json").write_text('{"text": "a dog", "images": []}')
+    (out / "eta0.70_seed0.png").write_bytes(b"png")
+    with pytest.raises(SessionError, match="not a session"):
+        session.save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["eta0.70_seed0.png", "manifest.json"]
+    session.save(tmp_path / "s")
+    session.save(tmp_path / "s")  # an earlier session is replaced
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_stage2_that_fails_part_way_gives_the_base_model_back(backend, mode, monkeypatch):
+    before = state(backend)
+    config = replace(QUICK, embed_steps=2, finetune_steps=5, finetune=mode)
+    calls = []
+    real = backend.loss
+
+    def loss_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 + 3:  # stage 2's third step: out of memory, say
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "loss", loss_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
+    monkeypatch.setattr(backend, "loss", real)
+    assert unchanged(before, backend)  # θ back, no adapter left behind
+    Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)  # the next edit runs
+    assert unchanged(before, backend)
+
+
+def test_rendering_a_lora_session_leaves_the_callers_random_state_alone(backend):
+    editor = Imagic(backend, replace(QUICK, embed_steps=1, finetune_steps=1, finetune="lora",
+                                     seeds=(0,), etas=(1.0,)), quiet=True)
+    session = editor.fit(make_photo(), TEXT)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    editor.generate(session)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_python_api_reads_an_image_as_the_command_line_does(backend):
+    from PIL import Image
+
+    clear = Image.new("RGBA", (80, 80), (0, 0, 0, 0))  # fully transparent: white, as the CLI
+    with pytest.warns(UserWarning, match="transparency"):
+        session = Imagic(backend, replace(QUICK, embed_steps=1, finetune_steps=1),
+                         quiet=True).fit(clear, TEXT)
+    assert np.asarray(session.input_image).min() == 255
+
+
 def test_dpm_solver_sampler_is_reproducible_batch_invariant_and_not_ddim(backend):
     editor = Imagic(backend, replace(QUICK, embed_steps=2, finetune_steps=2), quiet=True)
     session = editor.fit(make_photo(), TEXT)

@@ -536,7 +536,9 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices
         "images": files,
         **({"auto_eta": [c.to_dict() for c in choices.values()]} if choices else {}),
         "grid": "grid.png",
-        "timings": {k: round(v, 3) for k, v in session.timings.items()},
+        # a re-render's own timings only; an edit's are every stage's
+        "timings": {k: round(v, 3) for k, v in session.timings.items()
+                    if extra.get("command") == "edit" or k.startswith("generate_")},
         "versions": library_versions(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -187,14 +187,15 @@ class Imagic:
         self, image: Image.Image, text: str, image_sha256: str | None = None, pad: bool = False
     ) -> EditSession:
         """Stages 1 and 2 on `image` for the target `text`; returns everything stage 3 needs."""
-        from .images import to_square  # local: keeps this module's imports to the algorithm
+        # local: keeps this module's imports to the algorithm
+        from .images import to_square, upright_rgb
 
         # 1. Check inputs
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
         check_sample_steps(backend, config.sample_steps)
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
-        square = to_square(image.convert("RGB"), backend.resolution, pad=pad)
+        square = to_square(upright_rgb(image), backend.resolution, pad=pad)
         timings: dict[str, float] = {}
         with _measured(timings, "encode", backend.device):
             x0 = backend.encode_image(square)
@@ -205,11 +206,15 @@ class Imagic:
         # 4. Stage 2: fine-tune the model on e_opt; cascades also fine-tune their
         #    super-resolution stages on e_tgt. take_delta() restores the base model.
         with _measured(timings, "stage2", backend.device):
-            losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
-            for stage in backend.auxiliary_stages:
-                x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad),
-                                                stage)
-                finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
+            try:
+                losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
+                for stage in backend.auxiliary_stages:
+                    x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad),
+                                                    stage)
+                    finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
+            except BaseException:  # out of memory, Ctrl-C, …: give the base model back first
+                _discard_finetune(backend)
+                raise
             delta = backend.take_delta()
         return EditSession(
             text=text,
@@ -245,12 +250,23 @@ class Imagic:
 # --------------------------------------------------------------------------- helpers
 
 
+def _discard_finetune(backend: Backend) -> None:
+    """After a stage 2 that failed part way: remove its adapter or put θ back, so the loaded
+    model is the base model again (take_delta does both; its delta is dropped)."""
+    import contextlib
+
+    # it fails only when stage 2 failed before it changed anything: nothing to undo then
+    with contextlib.suppress(Exception):
+        backend.take_delta()
+
+
 @contextmanager
 def _measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
     """Record a step's seconds as timings[name_s] and, on a GPU, its peak memory as
     timings[name_peak_gib] (torch.cuda.max_memory_allocated: tensors, not the allocator's
     cache). Every stage ends by reading a result back, so the clock stops after the GPU."""
     cuda = torch.device(device).type == "cuda"
+    timings.pop(f"{name}_peak_gib", None)  # a loaded session's figure is not this run's
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

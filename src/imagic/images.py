@@ -47,9 +47,7 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
                     f"{path} is animated ({frames} frames): "
                     "export the frame to edit as a still image"
                 )
-            # as the user sees it: a camera's EXIF orientation (phone portraits are stored
-            # sideways) applied to the pixels
-            image = ImageOps.exif_transpose(img)
+            image = img.copy()
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image Pillow can read") from None
     except OSError as err:
@@ -59,7 +57,14 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
         raise InputError(f"{path} is {w}×{h}: each side must be at least {min_side} px")
     if max(w, h) > MAX_SIDE:
         raise InputError(f"{path} is {w}×{h}: each side must be at most {MAX_SIDE} px; resize it")
-    return to_rgb(image, name=str(path))
+    return upright_rgb(image, name=str(path))
+
+
+def upright_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """The image as the user sees it, in 8-bit RGB: a camera's EXIF orientation applied (phone
+    portraits are stored sideways), then `to_rgb`. `Imagic.fit` calls it too, so the Python API
+    reads an image as the command line does."""
+    return to_rgb(ImageOps.exif_transpose(image), name=name)
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .backends.base import Delta, TextCond
-from .errors import SessionError
+from .errors import ImagicError, SessionError
 from .presets import EditConfig
 
 FORMAT_VERSION = 1
@@ -97,6 +97,7 @@ class EditSession:
             },
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "final_loss": {k: (v[-1] if v else None) for k, v in self.losses.items()},
+            "losses": {k: [round(x, 6) for x in v] for k, v in self.losses.items()},
             "versions": self.versions,
         }
 
@@ -135,7 +136,7 @@ class EditSession:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise SessionError(f"{path} is a file; choose a folder for the session")
-        if path.is_dir() and any(path.iterdir()) and not (path / "manifest.json").exists():
+        if path.is_dir() and any(path.iterdir()) and not _is_session(path):
             raise SessionError(
                 f"{path} is a non-empty folder that is not a session; choose another"
             )
@@ -170,19 +171,37 @@ class EditSession:
                 {k.split(".", 1)[1]: v for k, v in embeddings.items() if k.startswith(prefix)}
             )
 
-        return cls(
-            text=manifest["text"],
-            e_tgt=cond("e_tgt."),
-            e_opt=cond("e_opt."),
-            delta=Delta(
-                kind=manifest["delta"]["kind"],
-                tensors=delta_tensors,
-                lora_rank=manifest["delta"]["lora_rank"],
-            ),
-            config=EditConfig.from_dict(manifest["config"]),
-            model=manifest["model"],
-            image_sha256=manifest["input_sha256"],
-            input_image=input_image,
-            timings=manifest.get("timings", {}),
-            versions=manifest.get("versions", {}),
-        )
+        try:
+            return cls(
+                text=manifest["text"],
+                e_tgt=cond("e_tgt."),
+                e_opt=cond("e_opt."),
+                delta=Delta(
+                    kind=manifest["delta"]["kind"],
+                    tensors=delta_tensors,
+                    lora_rank=manifest["delta"]["lora_rank"],
+                ),
+                config=EditConfig.from_dict(manifest["config"]),
+                model=manifest["model"],
+                image_sha256=manifest["input_sha256"],
+                input_image=input_image,
+                timings=manifest.get("timings", {}),
+                # sessions saved before 2026-11-27 kept only the final losses
+                losses=manifest.get("losses") or {
+                    k: [v] for k, v in manifest.get("final_loss", {}).items() if v is not None},
+                versions=manifest.get("versions", {}),
+            )
+        except ImagicError:  # a config the checks refuse: say which file
+            raise SessionError(f"{manifest_path} is damaged or incomplete: its config is "
+                               "not one imagic can use") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise SessionError(f"{manifest_path} is damaged or incomplete "
+                               f"({type(err).__name__}: {err})") from None
+
+
+def _is_session(path: Path) -> bool:
+    """A folder holding a session's manifest (not, say, an edit's output manifest)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == "imagic-session"
+    except (OSError, ValueError, AttributeError):
+        return False

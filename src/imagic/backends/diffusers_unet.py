@@ -174,7 +174,11 @@ class UNetBackend:
         from peft import set_peft_model_state_dict
 
         if delta.kind == "lora":
-            self.unet.add_adapter(self._lora_config(delta.lora_rank), adapter_name=ADAPTER)
+            # add_adapter draws starting weights (replaced at once) from the global generator:
+            # leave the caller's random state as it was
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
+                                       else []):
+                self.unet.add_adapter(self._lora_config(delta.lora_rank), adapter_name=ADAPTER)
             set_peft_model_state_dict(self.unet, delta.tensors, adapter_name=ADAPTER)
             self.unet.requires_grad_(False)
             try:
