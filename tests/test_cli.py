@@ -94,6 +94,7 @@ def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
                      "--quiet"]) == 0
         render = json.loads((out / f"session-render-{n}" / "manifest.json").read_text())
         assert render["command"] == "generate" and len(render["images"]) == 1
+        assert render["timings"] and all(k.startswith("generate_") for k in render["timings"])
     assert json.loads((out / "manifest.json").read_text())["command"] == "edit"
     assert len(json.loads((out / "manifest.json").read_text())["images"]) == 6
     code, _, err = run(capsys, "generate", out / "session", "--out", out / "session")
