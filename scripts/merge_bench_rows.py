@@ -27,18 +27,20 @@ def main(run: Path, workers: list[Path]) -> int:
             sys.exit(f"{w}/run.json is another recipe than {run}/run.json")
     with (run / "rows.csv").open() as f:
         merged = list(csv.DictReader(f))
-    seen = {(r["case"], r["seed"], r["method"], r["param"]) for r in merged}
-    base = len(merged)
+    def key(r):
+        return r["case"], r["seed"], r["method"], r["param"]
+
+    start = {key(r) for r in merged}  # the run as the workers copied it
+    added: set[tuple] = set()
     for w in workers:
         with (w / "rows.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        new = [r for r in rows if (r["case"], r["seed"], r["method"], r["param"]) not in seen]
-        added = {(r["case"], r["seed"]) for r in merged[base:]}
-        clash = {(r["case"], r["seed"]) for r in new} & added
+            new = [r for r in csv.DictReader(f) if key(r) not in start]
+        clash = {key(r) for r in new} & added
         if clash:
-            sys.exit(f"{w} repeats case/seed {sorted(clash)[0]} of another worker")
+            case, seed, method, _ = sorted(clash)[0]
+            sys.exit(f"{w} repeats case {case}, seed {seed} ({method}) of another worker")
         merged += new
-        seen |= {(r["case"], r["seed"], r["method"], r["param"]) for r in new}
+        added |= {key(r) for r in new}
         print(f"{w}: {len(new)} new rows")
     tmp = run / "rows.csv.tmp"
     with tmp.open("w", newline="") as f:

@@ -158,3 +158,40 @@ def test_a_run_recorded_before_a_config_field_existed_still_resumes(tmp_path):
     with pytest.raises(InputError, match="other settings"):  # the default is what it ran with
         check_same_run(tmp_path, {"etas": [0.5],
                                   "config": replace(config, sampler="dpm++").to_dict()}, backend)
+
+
+def test_merging_parallel_workers_adds_each_new_row_once_and_refuses_doubles(tmp_path):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("merge", root / "scripts" / "merge_bench_rows.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    source = root / "docs" / "bench" / "shapes-run4"
+    with (source / "rows.csv").open() as f:
+        lines = f.read().splitlines(keepends=True)
+    header, rows = lines[0], lines[1:]
+    per_case = [r for r in rows if r.startswith("0,")], [r for r in rows if r.startswith("1,")]
+    per_case += ([r for r in rows if r.startswith("2,")],)
+
+    def folder(name, *cases):
+        path = tmp_path / name
+        path.mkdir()
+        shutil.copy(source / "run.json", path)
+        (path / "rows.csv").write_text(header + "".join(r for c in cases for r in per_case[c]))
+        return path
+
+    run = folder("run", 0)
+    w1, w2 = folder("w1", 0, 1), folder("w2", 0, 2)  # each started from a copy of the run
+    assert merge.main(run, [w1, w2]) == 0
+    with (run / "rows.csv").open() as f:
+        assert [r["case"] for r in csv.DictReader(f)] == [
+            "0"] * len(per_case[0]) + ["1"] * len(per_case[1]) + ["2"] * len(per_case[2])
+    assert (run / "summary.md").read_text().startswith("# ShapesBench: 3 cases")
+    w3 = folder("w3", 0, 1)
+    with pytest.raises(SystemExit, match="repeats"):
+        merge.main(folder("run2", 0), [w1, w3])
