@@ -27,6 +27,7 @@ def main(run: Path, workers: list[Path]) -> int:
             sys.exit(f"{w}/run.json is another recipe than {run}/run.json")
     with (run / "rows.csv").open() as f:
         merged = list(csv.DictReader(f))
+
     def key(r):
         return r["case"], r["seed"], r["method"], r["param"]
 
