@@ -1,7 +1,9 @@
 # Set-up and everyday commands. Everything runs inside .venv, made on first use.
 #   make edit   - install, then edit an example image with the embedded default model (offline)
 #   make test   - install with the test tools, then run the test suite
-# TORCH picks the PyTorch build: the default is the CPU build; on a GPU machine use e.g.
+# TORCH picks the PyTorch build: by default torch==2.13.0 as pip finds it (from PyPI on Linux,
+# the CUDA build); a CPU-only or a given CUDA build, e.g.
+#   make edit TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 #   make edit TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 # and IMAGE, TEXT, MODEL, OUT change the edit.
 PYTHON ?= python3
@@ -12,14 +14,25 @@ TEXT ?= a large blue circle at the top left
 OUT ?= imagic-out
 BIN := $(VENV)/bin
 
-.PHONY: install edit test lint clean
+.PHONY: install edit test lint clean FORCE
 
-$(BIN)/imagic: pyproject.toml
+# The environment is (re)built when pyproject.toml changes or TORCH names another build than the
+# one installed (.venv/torch-spec records it); a different build replaces the installed torch.
+$(BIN)/imagic: pyproject.toml $(VENV)/torch-spec
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install $(TORCH)
+	if [ "$$(cat $(VENV)/torch-installed 2>/dev/null)" != "$(TORCH)" ]; then \
+	    $(BIN)/python -m pip uninstall -y -q torch; \
+	    $(BIN)/python -m pip install $(TORCH) && echo "$(TORCH)" > $(VENV)/torch-installed; fi
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $(BIN)/imagic
+
+# rewritten only when TORCH changes, so its time stamp says when that was
+$(VENV)/torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TORCH)" ] || echo "$(TORCH)" > $@
+
+FORCE:
 
 install: $(BIN)/imagic
 
