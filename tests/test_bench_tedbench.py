@@ -155,6 +155,12 @@ def test_run_scores_every_eta_writes_csv_summary_curve_and_resumes(
     with pytest.raises(InputError, match="other settings"):
         run(backend, mini_tedbench, out, config, metrics, seeds=(0,), etas=[0.5, 1.0],
             quiet=True)
+    # and so would other data under the same pair numbers
+    entries = json.loads((mini_tedbench / "input_list.json").read_text())
+    entries[0]["target_text"] = "a photo of a jumping dog"
+    (mini_tedbench / "input_list.json").write_text(json.dumps(entries))
+    with pytest.raises(InputError, match="other settings"):
+        run(backend, mini_tedbench, out, config, metrics, seeds=(0,), quiet=True)
 
 
 def test_cli_end_to_end(tmp_path, mini_tedbench, tiny_model_dir, tiny_clip_dir, monkeypatch,

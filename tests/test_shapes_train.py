@@ -126,6 +126,8 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(straight_run, tm
 
     with pytest.raises(InputError, match="--resume"):
         train(tiny_config(out))  # never silently overwrite a run
+    with (out / "train_log.jsonl").open("a") as log:  # it ran on past its checkpoint, then died
+        log.write('{"step": 3, "loss": 9.0}\n')
     train(tiny_config(out, resume=True))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
@@ -191,3 +193,45 @@ def test_snr_gamma_must_be_positive(capsys):
 
     assert main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 2
     assert "--snr-gamma must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-shapes", "--out", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["train-shapes", "--out", "x", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["train-shapes", "--out", "x", "--workers", "-1"], "--workers must be 0 or more"),
+    (["train-shapes", "--out", "x", "--lr", "0"], "--lr must be a positive number"),
+    (["train-shapes", "--out", "{file}"], "is a file"),
+    (["train-shapes", "--out", "x", "--init-from", "missing"], "not an exported"),
+    (["eval-shapes", "--samples", "0"], "--samples must be at least 1"),
+    (["eval-shapes", "--json", "no/such/folder/r.json"], "--json"),
+    (["bench", "shapes", "--strengths", "0.5,1.5", "--out", "b"], "(0, 1]"),
+])
+def test_bad_numbers_and_paths_are_one_line_before_any_work(tmp_path, capsys, monkeypatch,
+                                                           args, message):
+    from imagic.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    args = [a.format(file="a-file") for a in args]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing made
+
+
+def test_the_shapes_commands_refuse_a_photo_model_and_say_what_is_missing(
+        tmp_path, capsys, monkeypatch, tiny_model_dir):
+    import importlib.util
+
+    from imagic.cli import main
+
+    for args in (["bench", "shapes", "--model", str(tiny_model_dir), "--cases", "1",
+                  "--out", str(tmp_path / "b")],
+                 ["eval-shapes", "--model", str(tiny_model_dir), "--samples", "1"]):
+        assert main(args) == 2
+        assert "needs a pixel-cascade model" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "shapes", "--out", str(tmp_path / "b")]) == 2
+    assert "pip install 'imagic[bench]'" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from .bench import require_family, require_plotting
 from .errors import ImagicError, InputError
 from .presets import SAMPLERS
 
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  imagic bench shapes --cases 80 --seeds 0,1,2 --out bench/shapes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    shapes.add_argument("--cases", type=int, default=80, help="number of cases (default 80)")
+    shapes.add_argument("--cases", type=int, default=80,
+                        help="run cases 0 … N−1 (default 80); with --from-case, N is the end "
+                             "of the range")
     shapes.add_argument("--from-case", type=int, default=0,
                         help="skip the cases before this index (default 0), e.g. to hold out "
                              "--from-case 16 --cases 32")
@@ -452,6 +455,9 @@ def cmd_bench_shapes(args) -> int:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
     if not 0 <= args.from_case < args.cases:
         raise InputError(f"--from-case must lie in [0, --cases), got {args.from_case}")
+    if args.strengths and not all(0 < s <= 1 for s in args.strengths):
+        raise InputError(f"SDEdit strengths lie in (0, 1], got {list(args.strengths)}")
+    require_plotting()
     out = check_out_dir(args.out)
     overrides = {k: v for k, v in (("embed_steps", args.embed_steps),
                                    ("finetune_steps", args.finetune_steps),
@@ -466,6 +472,7 @@ def cmd_bench_shapes(args) -> int:
         overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
     config = replace(get_preset(args.preset), **overrides)
     backend = load_backend(args.model, device=args.device)
+    require_family(backend, "pixel-cascade", "ShapesBench (32×32 ShapesWorld renders)")
     cases = make_cases(args.cases)[args.from_case:]
     path = run(backend, out, cases, args.seeds, config, etas=args.eta or ETAS,
                strengths=args.strengths or STRENGTHS, methods=args.methods or METHODS,
@@ -485,6 +492,7 @@ def cmd_bench_tedbench(args) -> int:
     read_pairs(args.data)
     if args.model is None:  # the embedded 32×32 ShapesWorld model cannot edit photos
         raise InputError("TEdBench edits photos: name a Stable Diffusion model with --model")
+    require_plotting()
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
     out = check_out_dir(args.out)
@@ -495,6 +503,7 @@ def cmd_bench_tedbench(args) -> int:
     replace(get_preset(args.preset or DEFAULT_PRESET), **overrides)  # impossible numbers fail now
     metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
     backend = _load(args, args.model)
+    require_family(backend, "stable-diffusion", "TEdBench (photos)")
     config = replace(get_preset(args.preset or backend.default_preset), **overrides)
     path = run(backend, args.data, out, config, metrics, seeds=args.seeds, etas=args.eta,
                keep_sessions=args.keep_sessions, limit=args.limit, quiet=args.quiet)

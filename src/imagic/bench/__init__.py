@@ -25,8 +25,8 @@ def check_same_run(out: Path, settings: dict, backend) -> None:
         if isinstance(stored.get("config"), dict):  # fields added since take their defaults
             stored["config"] = {**EditConfig().to_dict(), **stored["config"]}
         if json.loads(json.dumps(stored)) != json.loads(json.dumps(settings)):
-            raise InputError(f"{out} holds a run with other settings (sweep, recipe or model; "
-                             f"see {record}): choose another --out to compare")
+            raise InputError(f"{out} holds a run with other settings (sweep, recipe, data or "
+                             f"model; see {record}): choose another --out to compare")
     else:
         write_text_atomic(json.dumps(settings, indent=2) + "\n", record)
 
@@ -70,6 +70,22 @@ def read_rows_csv(path: Path, convert: Callable[[dict], None], name: str) -> lis
                          f"({type(err).__name__}: {err}): move it away or choose another "
                          f"--out") from None
     return rows
+
+
+def require_plotting() -> None:
+    """The benchmarks end with a plot: say so before hours of work rather than after."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("the benchmarks draw their plots with matplotlib, which is not "
+                         "installed: pip install 'imagic[bench]' (or matplotlib)")
+
+
+def require_family(backend, family: str, what: str) -> None:
+    """One line when a benchmark is given a model of the wrong kind, right after loading it."""
+    if backend.family != family:
+        raise InputError(f"{what} needs a {family} model; "
+                         f"{backend.identity.get('source', 'this one')} is {backend.family}")
 
 
 def save_figure(fig, path: Path) -> None:

@@ -14,6 +14,7 @@ rows.csv as each (pair, seed) finishes, so a stopped run resumes where it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import InputError, ModelError
-from ..images import load_image, save_atomic, write_text_atomic
+from ..images import file_sha256, load_image, save_atomic, write_text_atomic
 from . import append_rows, check_same_run, read_rows_csv, save_figure
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -72,6 +73,7 @@ def read_pairs(data: str | Path) -> list[Pair]:
         if path is None:
             raise InputError(f"{listing} entry {index}: no image {name!r} under "
                              f"{data / 'originals'}")
+        load_image(path)  # an unusable image stops the run now, not at its turn hours later
         pairs.append(Pair(index, name, " ".join(entry["target_text"].split()), path))
     return pairs
 
@@ -194,11 +196,17 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
     """
     from ..auto_eta import AUTO_ETAS
 
-    pairs = read_pairs(data)[:limit]
+    every = read_pairs(data)
+    pairs = every[:limit]
     auto = etas == "auto"
     sweep = tuple(AUTO_ETAS if auto else etas)
     out.mkdir(parents=True, exist_ok=True)
-    check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict()}, backend)
+    # the data's identity too (all of it: --limit may grow): another --data would mix two
+    # benchmarks' rows under the same pair numbers
+    data_id = hashlib.sha256(json.dumps(
+        [(p.img_name, p.text, file_sha256(p.path)) for p in every]).encode()).hexdigest()[:16]
+    check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict(),
+                         "data": data_id}, backend)
     path = out / "rows.csv"
     done = {(r["pair"], r["seed"]) for r in read_rows(path)}
     jobs = [(p, s) for p in pairs for s in dict.fromkeys(seeds) if (p.index, s) not in done]

@@ -447,6 +447,8 @@ class Trainer:
                              "or choose another --out")
         if cfg.resume:
             self.load_checkpoint(found)
+        # the log as far as the checkpoint (a run that died before its first one: empty)
+        _truncate_log(self.out / "train_log.jsonl", self.step)
         if not cfg.quiet:
             print(f"device {_device_name(self.device)}, batch {self.batch_size}, "
                   f"workers {self.workers}, unet {parameter_count(self.unet):,} + text encoder "
@@ -606,6 +608,16 @@ def add_cli(subparsers) -> None:
     eval_p.set_defaults(func=cmd_eval_shapes)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume: drop the log lines past the checkpoint's step, which the run will log again
+    (a run stopped at step 1700 with its checkpoint at 1000 redoes 1001–1700)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic("".join(kept), path)
+
+
 def cmd_train_shapes(args) -> int:
     from ..errors import InputError
 
@@ -613,6 +625,21 @@ def cmd_train_shapes(args) -> int:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
         raise InputError(f"--snr-gamma must be a positive number, got {args.snr_gamma}")
+    for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every",
+                                                            args.checkpoint_every)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--workers", args.workers), ("--sample-every", args.sample_every)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} must be 0 or more, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a folder")
+    if args.init_from is not None and not (Path(args.init_from) / "imagic_model.json").is_file():
+        raise InputError(f"--init-from {args.init_from} is not an exported ShapesWorld model "
+                         "folder (no imagic_model.json)")
     config = TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
@@ -626,9 +653,20 @@ def cmd_train_shapes(args) -> int:
 
 def cmd_eval_shapes(args) -> int:
     from ..backends import load_backend
+    from ..bench import require_family
+    from ..errors import InputError
     from .evaluate import markdown_table, text_to_image_accuracy
 
+    for flag, value in (("--samples", args.samples), ("--batch", args.batch),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if args.json:  # checked now, not after the evaluation
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            raise InputError(f"--json {target}: name a file in an existing folder")
     backend = load_backend(args.model, device=args.device)
+    require_family(backend, "pixel-cascade", "eval-shapes (32×32 ShapesWorld detectors)")
     result = text_to_image_accuracy(backend, samples=args.samples, seed=args.seed,
                                     guidance=args.guidance, steps=args.steps, batch=args.batch,
                                     rows=bool(args.json), progress=not args.quiet)
