@@ -276,10 +276,8 @@ def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             copies[name].copy_(t, non_blocking=True)
         else:
             copies[name] = t.to("cpu", copy=True)
-    for t in tensors.values():
-        if t.is_cuda:
-            _wait_for(t.device)
-            break
+    for device in {t.device for t in tensors.values() if t.is_cuda}:
+        _wait_for(device)
     return copies
 
 
