@@ -427,7 +427,8 @@ def cmd_generate(args) -> int:
                                  ("sampler", args.sampler)) if v is not None}
     write_outputs(out, session, results, etas, seeds,
                   {"command": "generate", "session": str(Path(args.session).resolve())},
-                  choices, stage3)
+                  choices, stage3,
+                  {k: v for k, v in session.timings.items() if k.startswith("generate_")})
     _say(args, out, results, None, choices)
     return 0
 
@@ -514,10 +515,11 @@ def cmd_bench_tedbench(args) -> int:
 
 
 def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices=None,
-                  stage3: dict | None = None) -> None:
+                  stage3: dict | None = None, timings: dict | None = None) -> None:
     """One PNG per (η, seed), grid.png and manifest.json, each written atomically; with auto-η
     `choices` also auto_seedS.png (the chosen image) and the signals behind each choice.
-    `stage3`: sampling settings that differ from the session's (guidance, steps, sampler)."""
+    `stage3`: sampling settings that differ from the session's (guidance, steps, sampler);
+    `timings`: this run's (default: the session's, every stage of an edit)."""
     from .images import make_grid, save_atomic, write_text_atomic
     from .session import library_versions
 
@@ -545,9 +547,7 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices
         "images": files,
         **({"auto_eta": [c.to_dict() for c in choices.values()]} if choices else {}),
         "grid": "grid.png",
-        # a re-render's own timings only; an edit's are every stage's
-        "timings": {k: round(v, 3) for k, v in session.timings.items()
-                    if extra.get("command") == "edit" or k.startswith("generate_")},
+        "timings": {k: round(v, 3) for k, v in (timings or session.timings).items()},
         "versions": library_versions(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -100,11 +100,12 @@ PRESETS: dict[str, EditConfig] = {
     # and its derivation needs κ·(1 − β1) < 1, which K = 16 is not).
     # Measured on ShapesBench with the embedded model (docs/RESULTS.md, "Batched timesteps"):
     # lr × √K keeps the background closer to the input than lr × K (SSIM +0.10 ± 0.03, PSNR
-    # +1.2 ± 0.7 dB, success as often or more). On an H100 (../shared/perf, SD-1.5 shape) a
-    # stage-1 sample costs 131 ms at K = 1 and 9.4 ms at K = 16, a stage-2 sample 163 ms at
-    # K = 1 and 22.1 ms at K = 8. Stage 2 stays at K = 8 because its activations grow with K
-    # beside fp32 weights, gradients and Adam states; its peak memory is what
-    # benchmarks/gpu_edit.py measures (docs/PERFORMANCE.md, with what is still open).
+    # +1.2 ± 0.7 dB, success as often or more; at these K against K = 1: the same success,
+    # PSNR −0.2 ± 0.4 dB). Measured on an H100 (benchmarks/gpu_edit.py, SD-1.5 shape,
+    # docs/PERFORMANCE.md): 9.1 ms per stage-1 sample at K = 16, 19.4 ms per stage-2 sample at
+    # K = 8, 42.2 s per edit against 402.9 s for `paper`; peak 23.45 GiB in stage 1, 21.18 GiB
+    # in stage 2. Stage 2 stays at K = 8 because its activations grow with K beside fp32
+    # weights, gradients and Adam states.
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
     "fast": EditConfig(
