@@ -4,6 +4,10 @@ margin and distance of every η in the --eta auto sweep; the detectors' verdicts
 
     python scripts/auto_eta_rules.py runs/bench-auto-heldout/rows.csv
     python scripts/auto_eta_rules.py --rewrite docs/bench/shapes-run3/rows.csv
+    python scripts/auto_eta_rules.py docs/bench/shapes-run4/rows.csv --select 1:24-29,52-79 --select 2:0-79
+
+--select SEED:CASES (repeatable) scores only those (case, seed) pairs, e.g. the ones a rule had
+not seen when it was fixed.
 
 --rewrite re-chooses the file's imagic-auto rows with the shipped rule (from the stored signals,
 no model needed), for runs whose early rows were picked by a rule shipped before.
@@ -13,6 +17,9 @@ Rules:
   alignment gain);
 - closest: the rule shipped before, the η closest to the input (smallest 1 − SSIM) among those
   reaching FRACTION of the gain;
+- jump (the candidate fixed on 2026-11-27 before ShapesBench run 4's seed 2 existed, see
+  docs/RESULTS.md "Automatic η"): the later of the shipped rule's η and the η at the largest
+  step up of 1 − SSIM along the sweep (where the image's structure changes: the edit is made);
 - fixed η: one η for every case (the best one is chosen knowing the answers);
 - oracle: the best η per (case, seed), knowing the answers.
 """
@@ -37,8 +44,30 @@ def closest(etas, margins, distances):
     return etas[min(candidates, key=lambda i: (distances[i], etas[i]))]
 
 
-def main(path: str) -> int:
-    every = read_rows(Path(path))
+def jump(etas, margins, distances):
+    step = max(range(1, len(etas)), key=lambda i: distances[i] - distances[i - 1])
+    return max(choose(etas, margins, distances), etas[step])
+
+
+RULES = (("shipped", choose), ("closest", closest), ("jump", jump))
+
+
+def parse_select(texts: list[str]) -> set[tuple[int, int]] | None:
+    """['1:24-29,52-79', '2:0-79'] -> {(case, seed), ...}; None selects everything."""
+    if not texts:
+        return None
+    pairs = set()
+    for text in texts:
+        seed, _, spans = text.partition(":")
+        for span in spans.split(","):
+            low, _, high = span.partition("-")
+            pairs |= {(case, int(seed)) for case in range(int(low), int(high or low) + 1)}
+    return pairs
+
+
+def main(path: str, select: set[tuple[int, int]] | None = None) -> int:
+    every = [r for r in read_rows(Path(path))
+             if select is None or (r["case"], r["seed"]) in select]
     rows = [r for r in every if r["method"] == "imagic"
             and r["param"] in AUTO_ETAS and r["margin"] is not None]
     picked = {(r["case"], r["seed"]): r["param"] for r in every if r["method"] == "imagic-auto"}
@@ -54,7 +83,7 @@ def main(path: str) -> int:
         distances = [sweep[e]["distance"] for e in etas]
         key = (sweep[etas[0]]["case"], sweep[etas[0]]["seed"])
         agree += picked.get(key) == choose(etas, margins, distances)
-        for name, rule in (("shipped", choose), ("closest", closest)):
+        for name, rule in RULES:
             success = sweep[rule(etas, margins, distances)]["success"]
             for group in (kind, "all"):
                 results[group][name].append(success)
@@ -65,9 +94,9 @@ def main(path: str) -> int:
     print(f"{path}: {len(sweeps)} (case, seed) pairs, η sweep {', '.join(map(str, AUTO_ETAS))}; "
           f"the shipped rule re-applied here agrees with the run's imagic-auto rows on "
           f"{agree} of {len(sweeps)}")
-    print("| kind | shipped rule | closest (before) | best fixed η | oracle | shipped / oracle "
-          "| n |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| kind | shipped rule | closest (before) | jump (candidate) | best fixed η | oracle "
+          "| shipped / oracle | jump / oracle | n |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for group in ("all", *KINDS):
         res = results.get(group)
         if not res:
@@ -77,9 +106,12 @@ def main(path: str) -> int:
             return sum(res[name]) / len(res[name])
 
         fixed = max((k for k in res if k.startswith("eta ")), key=rate)
-        ratio = rate("shipped") / rate("oracle") if rate("oracle") else float("nan")
+        def ratio(name, res=res):
+            return rate(name) / rate("oracle") if rate("oracle") else float("nan")
+
         print(f"| {group} | {100 * rate('shipped'):.1f}% | {100 * rate('closest'):.1f}% | "
-              f"{100 * rate(fixed):.1f}% ({fixed}) | {100 * rate('oracle'):.1f}% | {ratio:.2f} | "
+              f"{100 * rate('jump'):.1f}% | {100 * rate(fixed):.1f}% ({fixed}) | "
+              f"{100 * rate('oracle'):.1f}% | {ratio('shipped'):.2f} | {ratio('jump'):.2f} | "
               f"{len(res['oracle'])} |")
     return 0
 
@@ -124,6 +156,11 @@ def rewrite(path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--rewrite":
         sys.exit(rewrite(sys.argv[2]))
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/auto_eta_rules.py [--rewrite] ROWS.csv")
-    sys.exit(main(sys.argv[1]))
+    import argparse
+    parser = argparse.ArgumentParser(usage="python scripts/auto_eta_rules.py [--rewrite] ROWS.csv "
+                                           "[--select SEED:CASES ...]")
+    parser.add_argument("rows")
+    parser.add_argument("--select", action="append", default=[],
+                        help="SEED:CASES, e.g. 1:24-29,52-79 (repeatable): score only these pairs")
+    args = parser.parse_args()
+    sys.exit(main(args.rows, parse_select(args.select)))
