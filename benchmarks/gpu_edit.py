@@ -141,6 +141,7 @@ def measure(backend, config, image) -> dict:
         "stage1_s": round(t["stage1_s"], 3), "stage2_s": round(t["stage2_s"], 3),
         "generate_s": round(t["generate_s"], 3), "total_s": round(total, 3),
         "finetune": config.finetune, "gradient_checkpointing": config.gradient_checkpointing,
+        "stage1_bf16_unet": config.embed_low_precision,
         "stage1_steps": config.embed_steps, "stage2_steps": config.finetune_steps,
         "stage1_samples": config.embed_steps * k1, "stage2_samples": config.finetune_steps * k2,
         "stage1_ms_per_sample": round(1e3 * t["stage1_s"] / max(config.embed_steps * k1, 1), 2),

@@ -4,7 +4,8 @@ margin and distance of every η in the --eta auto sweep; the detectors' verdicts
 
     python scripts/auto_eta_rules.py runs/bench-auto-heldout/rows.csv
     python scripts/auto_eta_rules.py --rewrite docs/bench/shapes-run3/rows.csv
-    python scripts/auto_eta_rules.py docs/bench/shapes-run4/rows.csv --select 1:24-29,52-79 --select 2:0-79
+    python scripts/auto_eta_rules.py docs/bench/shapes-run4/rows.csv \
+        --select 1:24-29,52-79 --select 2:0-79
 
 --select SEED:CASES (repeatable) scores only those (case, seed) pairs, e.g. the ones a rule had
 not seen when it was fixed.

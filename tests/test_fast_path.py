@@ -94,3 +94,65 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     k16 = r["variants"]["lora-k16-dpm++20"]
     assert k16["finetune"] == "lora" and not k16["gradient_checkpointing"]
     assert k16["stage2_samples"] == k16["stage2_steps"] * 16  # the same budget in K = 16 steps
+
+
+def _fp32_unet(backend):
+    return {k: v.detach().clone() for k, v in backend.unet.state_dict().items()}
+
+
+def test_stage1_in_low_precision_holds_theta_in_bf16_and_gives_the_fp32_weights_back(
+        tiny_model_dir, monkeypatch):
+    """`fast` holds the frozen θ in bf16 during stage 1 on a GPU. The CPU stands in for CUDA
+    here (bf16 weights, bf16 autocast): θ is bf16 at every loss, the same embedding is learnt
+    as with fp32 weights under the same autocast, and θ comes back bit for bit in fp32."""
+    import torch
+
+    from imagic import EditConfig, load_backend
+    from imagic.editor import optimize_embedding
+    from imagic.images import to_square
+
+    backend = load_backend(str(tiny_model_dir))
+    monkeypatch.setattr(backend, "frozen_dtype", torch.bfloat16)
+    monkeypatch.setattr(backend, "_autocast",
+                        lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
+    e_tgt = backend.encode_text(["a photo of a sitting dog"])
+    before = _fp32_unet(backend)
+    dtypes = []
+    loss = backend.loss
+
+    def spy(*args, **kwargs):
+        dtypes.append({p.dtype for p in backend.unet.parameters()})
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "loss", spy)
+    config = EditConfig(embed_steps=6, embed_lr=5e-2, timesteps_per_step=2)
+    e_plain, plain = optimize_embedding(backend, x0, e_tgt, config, quiet=True)
+    e_low, low = optimize_embedding(backend, x0, e_tgt,
+                                    replace(config, embed_low_precision=True), quiet=True)
+    assert dtypes == [{torch.float32}] * 6 + [{torch.bfloat16}] * 6
+    after = _fp32_unet(backend)
+    assert all(v.dtype == torch.float32 and torch.equal(v, after[k]) for k, v in before.items())
+    # the same autocast math: only the norms' weights (run in fp32 by autocast) are rounded
+    torch.testing.assert_close(low, plain, rtol=2e-3, atol=0)
+    # (e moves ≈ 0.3 from e_tgt in these steps; the two runs end within 0.01 of each other)
+    torch.testing.assert_close(e_low.hidden_states, e_plain.hidden_states, rtol=0, atol=2e-2)
+
+
+def test_low_precision_gives_theta_back_after_an_error_and_is_a_no_op_in_float32(
+        tiny_model_dir, monkeypatch):
+    import torch
+
+    from imagic import load_backend
+
+    backend = load_backend(str(tiny_model_dir))
+    before = _fp32_unet(backend)
+    with backend.frozen_in_low_precision():  # the CPU computes in float32: nothing changes
+        assert all(p.dtype == torch.float32 for p in backend.unet.parameters())
+    monkeypatch.setattr(backend, "frozen_dtype", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="stop"), backend.frozen_in_low_precision():
+        assert all(p.dtype == torch.bfloat16 for p in backend.unet.parameters())
+        raise RuntimeError("stop")
+    after = _fp32_unet(backend)
+    assert all(torch.equal(v, after[k]) and after[k].dtype == torch.float32
+               for k, v in before.items())

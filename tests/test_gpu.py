@@ -35,3 +35,24 @@ def test_cuda_edit_uses_bf16_frozen_parts_and_restores_fp32_weights(tiny_model_d
         assert all(torch.equal(params[k].cpu(), v) for k, v in session.delta.tensors.items())
     after = backend.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_cuda_stage1_in_low_precision_holds_bf16_and_restores_fp32(tiny_model_dir):
+    """`fast`'s stage 1: θ in bf16 on the GPU while e trains, the fp32 θ exactly back after."""
+    backend = load_backend(str(tiny_model_dir), device="cuda")
+    before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
+    seen = []
+    loss = backend.loss
+
+    def spy(*args, **kwargs):
+        seen.append({p.dtype for p in backend.unet.parameters()})
+        return loss(*args, **kwargs)
+
+    backend.loss = spy
+    config = replace(EditConfig(), embed_steps=3, finetune_steps=2, sample_steps=3, etas=(1.0,),
+                     embed_low_precision=True)
+    session = Imagic(backend, config, quiet=True).fit(make_photo(), "a photo of a sitting dog")
+    assert seen == [{torch.bfloat16}] * 3 + [{torch.float32}] * 2
+    assert torch.isfinite(session.e_opt.hidden_states).all()
+    after = backend.unet.state_dict()
+    assert all(v.dtype == torch.float32 and torch.equal(v, after[k]) for k, v in before.items())

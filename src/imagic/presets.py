@@ -26,6 +26,7 @@ class EditConfig:
     lora_rank: int = 4  # rank of the LoRA adapter (finetune == "lora")
     lora_lr: float = 1e-4  # Adam learning rate for the LoRA weights
     gradient_checkpointing: bool = False  # stages 1-2: recompute activations in the backward
+    embed_low_precision: bool = False  # stage 1: frozen θ in bf16 on CUDA (fp32 kept on the host)
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
     timesteps_per_step: int = 1  # K: (t, ε) draws averaged per optimizer step (paper: 1)
@@ -106,10 +107,14 @@ PRESETS: dict[str, EditConfig] = {
     # K = 8, 42.2 s per edit against 402.9 s for `paper`; peak 23.45 GiB in stage 1, 21.18 GiB
     # in stage 2. Stage 2 stays at K = 8 because its activations grow with K beside fp32
     # weights, gradients and Adam states.
+    # Stage 1 holds the frozen θ in bf16 (embed_low_precision; added after that measurement, not
+    # yet measured on a GPU): the autocast math is the same, and the stage-1 peak is predicted
+    # to drop by the fp32 weights, 3.4 GB (docs/PERFORMANCE.md).
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * math.sqrt(16), timesteps_per_step=16,
+        embed_low_precision=True,
         finetune_steps=188, finetune_lr=5e-7 * math.sqrt(8), finetune_timesteps_per_step=8,
         lora_lr=1e-4 * math.sqrt(8), aux_finetune_steps=188, aux_finetune_lr=5e-7 * math.sqrt(8),
     ),

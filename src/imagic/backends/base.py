@@ -130,6 +130,11 @@ class Backend(Protocol):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the model's activations in the backward pass (less memory, more compute)."""
 
+    def frozen_in_low_precision(self) -> AbstractContextManager[None]:
+        """Within the `with` block θ is held in the backend's low precision (bf16 on CUDA) for a
+        stage that does not train it (stage 1); after it, θ is exactly what it was. Where the
+        backend computes in float32 (the CPU) it changes nothing."""
+
     def take_delta(self) -> Delta:
         """The trained weights as a Delta; the model is put back exactly as it was loaded."""
 
