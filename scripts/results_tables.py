@@ -1,0 +1,130 @@
+"""Print the tables of docs/RESULTS.md from a ShapesBench rows.csv, so every figure there comes
+from one command:
+
+    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv > /tmp/tables.md
+
+Sections: the best setting per method and edit kind; Imagic, SDEdit and no-finetune along their
+parameter; the SDEdit bar per kind (all cases, and the held-out cases 16–79 that did not choose
+the preset); the same bar per seed; and every method's fidelity per seed (how much the noise
+draw moves it). Only (case, seed) pairs that every method finished are counted, so a partial run
+compares like with like.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from imagic.bench.shapes import KINDS, eta_table, read_rows, summary
+
+HELD_OUT = 16  # cases 0–15 chose the preset's learning rates (RESULTS.md, "Batched timesteps")
+METHODS = ("imagic", "no-finetune", "no-embedding", "sdedit", "text-only")
+
+
+def complete(rows: list[dict]) -> list[dict]:
+    """The rows of (case, seed) pairs that every method in METHODS finished."""
+    methods = defaultdict(set)
+    for r in rows:
+        methods[(r["case"], r["seed"])].add(r["method"])
+    keep = {k for k, m in methods.items() if set(METHODS) <= m}
+    return [r for r in rows if (r["case"], r["seed"]) in keep]
+
+
+def curve(rows: list[dict], method: str) -> dict[float, tuple[float, float, int]]:
+    """param -> (success rate, mean background PSNR, outputs)."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["method"] == method:
+            by[r["param"]].append(r)
+    return {p: (float(np.mean([r["success"] for r in g])), float(np.mean([r["psnr"] for r in g])),
+                len(g)) for p, g in sorted(by.items())}
+
+
+def best(points: dict) -> tuple[float, tuple[float, float, int]] | None:
+    """The parameter with the highest success, ties to the higher PSNR."""
+    if not points:
+        return None
+    return max(points.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+
+
+def cell(prefix: str, item) -> str:
+    if item is None:
+        return "none"
+    param, (success, psnr, _) = item
+    return f"{prefix}{param:g}: {100 * success:.1f}%, {psnr:.2f} dB"
+
+
+def sdedit_bar(rows: list[dict], label: str) -> list[str]:
+    lines = [f"SDEdit bar, {label}: Imagic at its best η against SDEdit at its best strength, "
+             "and SDEdit's best among the strengths whose PSNR ≥ Imagic's.", "",
+             "| kind | Imagic, best η | SDEdit, best strength | SDEdit at ≥ Imagic's PSNR "
+             "| success lead at ≥ PSNR | outputs per setting |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for kind in KINDS:
+        group = [r for r in rows if r["kind"] == kind]
+        imagic, sdedit = best(curve(group, "imagic")), curve(group, "sdedit")
+        if imagic is None or not sdedit:
+            continue
+        matched = best({s: v for s, v in sdedit.items() if v[1] >= imagic[1][1]})
+        lead = (f"{100 * (imagic[1][0] - matched[1][0]):+.1f}" if matched
+                else f"{100 * imagic[1][0]:+.1f} (no strength that close)")
+        lines.append(f"| {kind} | {cell('η ', imagic)} | {cell('', best(sdedit))} | "
+                     f"{cell('', matched)} | {lead} | {imagic[1][2]} |")
+    return lines
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    seeds = sorted({r["seed"] for r in rows})
+    settings = [("imagic", 0.0, "Imagic η 0 (reconstruction)"), ("imagic", 0.7, "Imagic η 0.7"),
+                ("imagic", 0.8, "Imagic η 0.8"), ("imagic", 1.0, "Imagic η 1.0"),
+                ("no-finetune", 0.8, "no-finetune η 0.8"), ("sdedit", 0.5, "SDEdit 0.5"),
+                ("sdedit", 0.8, "SDEdit 0.8"), ("sdedit", 0.9, "SDEdit 0.9"),
+                ("text-only", 0.0, "text-only")]
+    lines = ["Per seed, on the same cases: success, background PSNR, SSIM.", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | spread of PSNR |",
+             "| --- | " + " | ".join("---" for _ in seeds) + " | --- |"]
+    for method, param, name in settings:
+        cells, psnrs = [], []
+        for s in seeds:
+            group = [r for r in rows if r["seed"] == s and r["method"] == method
+                     and abs(r["param"] - param) < 1e-9]
+            if not group:
+                cells.append("—")
+                continue
+            psnr = float(np.mean([r["psnr"] for r in group]))
+            psnrs.append(psnr)
+            cells.append(f"{100 * np.mean([r['success'] for r in group]):.0f}%, {psnr:.1f} dB, "
+                         f"{np.mean([r['ssim'] for r in group]):.3f}")
+        spread = f"{max(psnrs) - min(psnrs):.1f} dB" if psnrs else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {spread} |")
+    return lines
+
+
+def main(path: str) -> int:
+    every = read_rows(Path(path))
+    rows = complete(every)
+    pairs = {(r["case"], r["seed"]) for r in rows}
+    seeds = sorted({s for _, s in pairs})
+    print(f"<!-- {path}: {len(pairs)} complete (case, seed) pairs of {len(every)} rows; "
+          f"seeds {', '.join(map(str, seeds))} -->\n")
+    print(summary(rows).split("\n", 2)[2])  # the best-setting table and Imagic along η
+    print(eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "", sep="\n")
+    print("\n".join(sdedit_bar(rows, "all cases and seeds")) + "\n")
+    held = [r for r in rows if r["case"] >= HELD_OUT]
+    print("\n".join(sdedit_bar(held, f"held-out cases {HELD_OUT}–79, all seeds")) + "\n")
+    for s in seeds:
+        print("\n".join(sdedit_bar([r for r in rows if r["seed"] == s], f"seed {s}")) + "\n")
+    # per seed on the cases every seed has, so the seeds are compared on the same cases
+    cases = set.intersection(*({c for c, s2 in pairs if s2 == s} for s in seeds))
+    print(f"({len(cases)} cases that every seed has)\n")
+    print("\n".join(seed_table([r for r in rows if r["case"] in cases])))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/results_tables.py ROWS.csv")
+    sys.exit(main(sys.argv[1]))
