@@ -20,7 +20,9 @@ with random weights: speed does not depend on weight values, so nothing is downl
   once, warm: `lora-k16-dpm++20` (stage 2 trains a LoRA adapter without checkpointing at
   K = 16, 94 × 16 samples, and the sweep uses DPM-Solver++ in 20 steps). Its quality is not
   measured here. (The first H100 run also timed `lora`, the same at K = 8: 49.0 s against the
-  fast preset's 51.7, so it was dropped.)
+  fast preset's 51.7, so it was dropped.) And `fast-fp32-stage1`: the fast preset with its
+  stage 1 on fp32 weights under autocast, as before 2026-11-27, the reference for the bf16
+  stage 1's effect.
 
 Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
 torch.cuda.max_memory_allocated per run on CUDA (and per stage, as the engine records it); on
@@ -141,7 +143,8 @@ def measure(backend, config, image) -> dict:
         "stage1_s": round(t["stage1_s"], 3), "stage2_s": round(t["stage2_s"], 3),
         "generate_s": round(t["generate_s"], 3), "total_s": round(total, 3),
         "finetune": config.finetune, "gradient_checkpointing": config.gradient_checkpointing,
-        "stage1_bf16_unet": config.embed_low_precision,
+        "stage1_low_precision_unet": bool(config.embed_low_precision
+                                          and backend.frozen_dtype != torch.float32),
         "stage1_steps": config.embed_steps, "stage2_steps": config.finetune_steps,
         "stage1_samples": config.embed_steps * k1, "stage2_samples": config.finetune_steps * k2,
         "stage1_ms_per_sample": round(1e3 * t["stage1_s"] / max(config.embed_steps * k1, 1), 2),
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time a candidate preset (lora-k16-dpm++20)")
+                        help="also time lora-k16-dpm++20 and fast-fp32-stage1")
     parser.add_argument("--out", help="write the results as JSON here (after every run)")
     args = parser.parse_args(argv)
 
@@ -258,12 +261,16 @@ def main(argv=None) -> int:
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:
     """Candidates for a faster preset (`--variants`): stage 2 as a LoRA adapter without
-    checkpointing, then also K = 16 in stage 2 (the same 1,504 samples) and DPM-Solver++ 20."""
+    checkpointing, then also K = 16 in stage 2 (the same 1,504 samples) and DPM-Solver++ 20;
+    and, to measure one change against the other in one run, `fast` with its stage 1 in fp32
+    weights as before 2026-11-27 (embed_low_precision off)."""
     k16 = replace(fast, finetune="lora", finetune_timesteps_per_step=16,
                   finetune_steps=round(fast.finetune_steps * fast.finetune_timesteps_per_step
                                        / 16),
                   sampler="dpm++", sample_steps=20)
-    return {"lora-k16-dpm++20": k16}
+    # the fast preset without the bf16 stage 1: its memory and time, measured in the same run
+    fp32 = replace(fast, embed_low_precision=False)
+    return {"lora-k16-dpm++20": k16, "fast-fp32-stage1": fp32}
 
 
 def print_table(r: dict) -> None:

@@ -46,29 +46,44 @@ def closest(etas, margins, distances):
 
 
 def jump(etas, margins, distances):
+    shipped = choose(etas, margins, distances)
+    if len(etas) < 2:
+        return shipped
     step = max(range(1, len(etas)), key=lambda i: distances[i] - distances[i - 1])
-    return max(choose(etas, margins, distances), etas[step])
+    return max(shipped, etas[step])
 
 
 RULES = (("shipped", choose), ("closest", closest), ("jump", jump))
 
 
-def parse_select(texts: list[str]) -> set[tuple[int, int]] | None:
-    """['1:24-29,52-79', '2:0-79'] -> {(case, seed), ...}; None selects everything."""
-    if not texts:
-        return None
-    pairs = set()
-    for text in texts:
-        seed, _, spans = text.partition(":")
+def parse_select(text: str) -> set[tuple[int, int]]:
+    """'1:24-29,52-79' -> {(24, 1), …, (79, 1)} (argparse type of --select)."""
+    import argparse
+
+    try:
+        seed, colon, spans = text.partition(":")
+        pairs = set()
         for span in spans.split(","):
             low, _, high = span.partition("-")
-            pairs |= {(case, int(seed)) for case in range(int(low), int(high or low) + 1)}
+            low, high = int(low), int(high or low)
+            if not colon or low > high or low < 0:
+                raise ValueError
+            pairs |= {(case, int(seed)) for case in range(low, high + 1)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SEED:CASES, e.g. 1:24-29,52-79") from None
     return pairs
 
 
 def main(path: str, select: set[tuple[int, int]] | None = None) -> int:
     every = [r for r in read_rows(Path(path))
              if select is None or (r["case"], r["seed"]) in select]
+    if select is not None:
+        found = {(r["case"], r["seed"]) for r in every}
+        print(f"--select: {len(found)} of the {len(select)} (case, seed) pairs asked for are in "
+              f"{path}")
+        if not found:
+            sys.exit("nothing to score")
     rows = [r for r in every if r["method"] == "imagic"
             and r["param"] in AUTO_ETAS and r["margin"] is not None]
     picked = {(r["case"], r["seed"]): r["param"] for r in every if r["method"] == "imagic-auto"}
@@ -161,7 +176,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(usage="python scripts/auto_eta_rules.py [--rewrite] ROWS.csv "
                                            "[--select SEED:CASES ...]")
     parser.add_argument("rows")
-    parser.add_argument("--select", action="append", default=[],
+    parser.add_argument("--select", action="append", type=parse_select,
                         help="SEED:CASES, e.g. 1:24-29,52-79 (repeatable): score only these pairs")
     args = parser.parse_args()
-    sys.exit(main(args.rows, parse_select(args.select)))
+    sys.exit(main(args.rows, set().union(*args.select) if args.select else None))

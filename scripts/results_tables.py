@@ -1,13 +1,13 @@
-"""Print the tables of docs/RESULTS.md from a ShapesBench rows.csv, so every figure there comes
-from one command:
+"""Print the ShapesBench tables that docs/RESULTS.md quotes, from a rows.csv:
 
     python scripts/results_tables.py docs/bench/shapes-run4/rows.csv > /tmp/tables.md
+    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv --seeds 0
 
 Sections: the best setting per method and edit kind; Imagic, SDEdit and no-finetune along their
 parameter; the SDEdit bar per kind (all cases, and the held-out cases 16–79 that did not choose
-the preset); the same bar per seed; and every method's fidelity per seed (how much the noise
-draw moves it). Only (case, seed) pairs that every method finished are counted, so a partial run
-compares like with like.
+the preset); the same bar per seed; and every method's fidelity per seed on the cases every seed
+has (how much the noise draw moves it). Only (case, seed) pairs that every method in the file
+finished are counted, so a partial run compares like with like.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import numpy as np
 from imagic.bench.shapes import KINDS, eta_table, read_rows, summary
 
 HELD_OUT = 16  # cases 0–15 chose the preset's learning rates (RESULTS.md, "Batched timesteps")
-METHODS = ("imagic", "no-finetune", "no-embedding", "sdedit", "text-only")
 
 
 def complete(rows: list[dict]) -> list[dict]:
-    """The rows of (case, seed) pairs that every method in METHODS finished."""
+    """The rows of (case, seed) pairs that every method in the file finished."""
+    every = {r["method"] for r in rows}
     methods = defaultdict(set)
     for r in rows:
         methods[(r["case"], r["seed"])].add(r["method"])
-    keep = {k for k, m in methods.items() if set(METHODS) <= m}
+    keep = {k for k, m in methods.items() if m == every}
     return [r for r in rows if (r["case"], r["seed"]) in keep]
 
 
@@ -103,9 +103,12 @@ def seed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(path: str) -> int:
-    every = read_rows(Path(path))
+def main(path: str, seeds: set[int] | None = None) -> int:
+    every = [r for r in read_rows(Path(path)) if seeds is None or r["seed"] in seeds]
     rows = complete(every)
+    if not rows:
+        sys.exit(f"{path}: no (case, seed) pair with every method's rows"
+                 + (f" among seeds {sorted(seeds)}" if seeds else ""))
     pairs = {(r["case"], r["seed"]) for r in rows}
     seeds = sorted({s for _, s in pairs})
     print(f"<!-- {path}: {len(pairs)} complete (case, seed) pairs of {len(every)} rows; "
@@ -125,6 +128,11 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/results_tables.py ROWS.csv")
-    sys.exit(main(sys.argv[1]))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows")
+    parser.add_argument("--seeds", help="only these seeds, e.g. 0 or 0,1")
+    args = parser.parse_args()
+    chosen = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+    sys.exit(main(args.rows, chosen))

@@ -53,6 +53,11 @@ def test_cuda_stage1_in_low_precision_holds_bf16_and_restores_fp32(tiny_model_di
                      embed_low_precision=True)
     session = Imagic(backend, config, quiet=True).fit(make_photo(), "a photo of a sitting dog")
     assert seen == [{torch.bfloat16}] * 3 + [{torch.float32}] * 2
-    assert torch.isfinite(session.e_opt.hidden_states).all()
+    # under autocast only the norms' weights differ (rounded to bf16): the losses hardly move
+    backend.loss = loss
+    plain = Imagic(backend, replace(config, embed_low_precision=False), quiet=True).fit(
+        make_photo(), "a photo of a sitting dog")
+    torch.testing.assert_close(session.losses["stage1"], plain.losses["stage1"], rtol=1e-2,
+                               atol=0)
     after = backend.unet.state_dict()
     assert all(v.dtype == torch.float32 and torch.equal(v, after[k]) for k, v in before.items())

@@ -49,7 +49,8 @@ def optimize_embedding(
     generator = torch.Generator("cpu").manual_seed(config.seed)
     e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
     optimizer = _adam(list(e.tensors().values()), lr=config.embed_lr)
-    # θ is frozen here: the fast preset holds it in bf16 on a GPU (less memory, same autocast math)
+    # θ is frozen here: `fast` holds it in bf16 on a GPU (less memory; autocast makes the same
+    # bf16 weights for convolutions and matmuls, and only the norms' weights are rounded)
     frozen = backend.frozen_in_low_precision() if config.embed_low_precision else nullcontext()
     with _checkpointing(backend, config.gradient_checkpointing), frozen:
         losses = _optimize(

@@ -108,8 +108,9 @@ PRESETS: dict[str, EditConfig] = {
     # in stage 2. Stage 2 stays at K = 8 because its activations grow with K beside fp32
     # weights, gradients and Adam states.
     # Stage 1 holds the frozen θ in bf16 (embed_low_precision; added after that measurement, not
-    # yet measured on a GPU): the autocast math is the same, and the stage-1 peak is predicted
-    # to drop by the fp32 weights, 3.4 GB (docs/PERFORMANCE.md).
+    # yet measured on a GPU): convolutions and matmuls see the same bf16 weights autocast would
+    # make, only the weights autocast keeps in fp32 (the norms) are rounded; the stage-1 peak is
+    # predicted to drop by the fp32 weights, 3.4 GB (docs/PERFORMANCE.md).
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
     "fast": EditConfig(

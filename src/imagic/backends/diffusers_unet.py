@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ class UNetBackend:
         self.max_text_tokens = tokenizer.model_max_length
         self.train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self._backup: dict[str, torch.Tensor] | None = None  # θ before stage 2 (full mode)
+        self._fp32_copies: dict[str, torch.Tensor] | None = None  # θ while stage 1 holds it in bf16
+        self._in_low_precision = False
         self._lora_rank = 0
 
     # -- what a family provides -------------------------------------------------------------
@@ -113,6 +115,7 @@ class UNetBackend:
     # -- the loss of stages 1 and 2 -----------------------------------------------------------
 
     def loss(self, x0, cond, generator, batch=1, stage="base"):
+        self._settle()
         # Drawn on the CPU generator, then moved: one seed gives the same t and ε on any device.
         steps = self.noise_scheduler.config.num_train_timesteps
         t = self._upload(torch.randint(0, steps, (batch,), generator=generator))
@@ -133,6 +136,7 @@ class UNetBackend:
     def trainable_parameters(self, mode, lora_rank=4, stage="base"):
         if stage != "base":
             raise ValueError(f"{self.family} has no stage {stage!r}")
+        self._settle()
         if mode == "lora":
             self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
             self._lora_rank = lora_rank
@@ -172,30 +176,53 @@ class UNetBackend:
     @contextmanager
     def frozen_in_low_precision(self) -> Iterator[None]:
         # Stage 1 trains e only. Under autocast a fp32 θ costs its 4 bytes per weight plus the
-        # bf16 copy of every weight that the backward pass keeps; held in bf16, θ costs 2 bytes
-        # per weight and the copies vanish (SD-1.5: 3.4 GB less). The fp32 values wait in pinned
-        # host memory and come back unchanged: a bf16 round trip would round them.
+        # low-precision copy of every weight that the backward pass keeps; held in low precision
+        # (bf16 by default), θ costs 2 bytes per weight and the copies vanish (SD-1.5: 3.4 GB
+        # less). The fp32 values wait in pinned host memory and are copied back: casting back
+        # would keep the rounding.
         if self.frozen_dtype == torch.float32:
             yield  # float32 compute (the CPU, or --dtype float32): nothing to gain
             return
+        self._settle()
         params = dict(self.unet.named_parameters())
-        saved = _host_copies(params)
-        with torch.no_grad():
-            for p in params.values():
-                p.data = p.data.to(self.frozen_dtype)
+        self._fp32_copies = _host_copies(params)
+        self._in_low_precision = True
         try:
+            with torch.no_grad():
+                for p in params.values():
+                    p.data = p.data.to(self.frozen_dtype)
             yield
         finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.data = torch.empty_like(p.data, dtype=torch.float32)
+            self._in_low_precision = False
+            # If stage 1 ran out of memory, its activations are not freed yet and the restore
+            # can run out too: then the next call into the backend finishes it (`_settle`).
+            with suppress(torch.OutOfMemoryError):
+                self._restore_fp32()
+
+    def _settle(self) -> None:
+        """Finish putting back the fp32 θ when an error in stage 1 left that pending. Every
+        entry point that runs or changes the UNet starts with it."""
+        if self._fp32_copies is not None and not self._in_low_precision:
+            self._restore_fp32()
+
+    def _restore_fp32(self) -> None:
+        """Put back the fp32 θ that `frozen_in_low_precision` parked, if any is still parked."""
+        saved = self._fp32_copies
+        if saved is None:
+            return
+        with torch.no_grad():
+            for name, p in self.unet.named_parameters():
+                if name in saved and p.dtype != torch.float32:
+                    p.data = torch.empty(p.shape, dtype=torch.float32, device=p.device)
                     p.data.copy_(saved[name], non_blocking=True)
-            _wait_for(self.device)
+        _wait_for(self.device)  # the host copies may be freed only once they are copied back
+        self._fp32_copies = None
 
     @contextmanager
     def apply_delta(self, delta: Delta) -> Iterator[None]:
         from peft import set_peft_model_state_dict
 
+        self._settle()
         if delta.kind == "lora":
             # add_adapter draws starting weights (replaced at once) from the global generator:
             # leave the caller's random state as it was
@@ -230,6 +257,7 @@ class UNetBackend:
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
                strength=1.0, sampler="ddim"):
+        self._settle()
         scheduler = make_sampler(sampler, self.sampler_config)
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
