@@ -3,7 +3,8 @@
 # root, with $OUT set to a folder whose files come back:
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
 # Runs benchmarks/gpu_edit.py (SD-1.5 shape, random weights: the paper's way against the `fast`
-# preset in one process, then two candidate presets; about 5 minutes on an H100). Knobs:
+# preset in one process, then two variants: a faster candidate, and `fast` without its bf16
+# stage 1; about 6 minutes on an H100). Knobs:
 # PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu TINY=1 for a smoke test),
 # REF_STEPS (default 30). Carry .whl/ when the machine lacks diffusers. Returns in $OUT: log.txt and gpu_edit.json (commit it under
 # docs/perf/).
