@@ -36,6 +36,11 @@ def unchanged(before, backend) -> bool:
     return now.keys() == before.keys() and all(torch.equal(v, now[k]) for k, v in before.items())
 
 
+def levels_apart(a, b) -> int:
+    """The largest difference between two uint8 images, in levels."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
 def pixels(results):
     return [np.asarray(r.image) for r in results]
 
@@ -261,11 +266,16 @@ def test_dpm_solver_sampler_is_reproducible_batch_invariant_and_not_ddim(backend
     dpm = pixels(editor.generate(session, etas=[0.0, 1.0], seeds=[0], sampler="dpm++"))
     again = pixels(editor.generate(session, etas=[1.0], seeds=[0], sampler="dpm++"))
     ddim = pixels(editor.generate(session, etas=[1.0], seeds=[0]))
-    assert np.array_equal(dpm[1], again[0])  # same seed, alone or in a batch: the same image
-    assert not np.array_equal(dpm[1], ddim[0])  # the session's default stays DDIM
+    # same seed, alone or in a batch: the same image, up to the level or two that CPU kernels
+    # may round differently at another batch size (README, "Hardware notes"; it shows with
+    # one thread)
+    assert levels_apart(dpm[1], again[0]) <= 2
+    assert levels_apart(dpm[1], ddim[0]) > 2  # the session's default stays DDIM
     # a session saved with the sampler in its config renders with it
     dpm_session = replace(session, config=replace(session.config, sampler="dpm++"))
-    assert np.array_equal(pixels(editor.generate(dpm_session, etas=[1.0], seeds=[0]))[0], dpm[1])
+    dpm_again = pixels(editor.generate(dpm_session, etas=[1.0], seeds=[0]))[0]
+    assert np.array_equal(dpm_again, again[0])  # the same call: bit for bit
+    assert levels_apart(dpm_again, ddim[0]) > 2
     # SDEdit's partial schedule runs on it too
     cond, uncond = backend.encode_text([TEXT]), backend.encode_text([""])
     x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
