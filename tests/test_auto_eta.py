@@ -10,22 +10,23 @@ from imagic.cli import main
 from imagic.errors import ModelError
 
 
-def test_rule_takes_the_first_eta_that_reaches_the_text():
+def test_rule_takes_the_later_of_reaching_the_text_and_the_structure_changing():
     etas = [0.4, 0.6, 0.8, 1.0, 1.2]
     # the margin rises from 0 to 1; 0.8 is the first η past FRACTION of it
     margins = [0.0, 0.1, 0.8, 0.9, 1.0]
     assert 0.1 < FRACTION <= 0.8
-    assert choose(etas, margins, [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
-    # the distance to the input does not move the choice past the first one
-    assert choose(etas, margins, [0.1, 0.2, 0.5, 0.3, 0.6]) == 0.8
-    # an η below the bar is never taken, however close to the input it stays
-    assert choose(etas, margins, [0.0, 0.0, 0.9, 0.9, 0.9]) == 0.8
+    # 1 − SSIM steps up most at 0.8 too: 0.8
+    assert choose(etas, margins, [0.1, 0.1, 0.4, 0.45, 0.5]) == 0.8
+    # the structure changes later (at 1.0): the edit is not made before it, so 1.0
+    assert choose(etas, margins, [0.1, 0.12, 0.14, 0.5, 0.52]) == 1.0
+    # the structure changes earlier (at 0.6): the text is not reached before 0.8, so 0.8
+    assert choose(etas, margins, [0.1, 0.5, 0.52, 0.54, 0.56]) == 0.8
     # only the differences of the margins matter, not their offset or scale
-    assert choose(etas, [5 + 3 * m for m in margins], [0.1, 0.2, 0.3, 0.4, 0.5]) == 0.8
-    # a margin that peaks and falls: the first η near the peak, not the last
-    assert choose(etas, [0.0, 0.9, 1.0, 0.2, 0.1], [0.1] * 5) == 0.6
-    # nothing moves toward the text: every η qualifies, so the smallest
-    assert choose(etas, [0.0] * 5, [0.3, 0.1, 0.2, 0.4, 0.5]) == 0.4
+    assert choose(etas, [5 + 3 * m for m in margins], [0.1, 0.1, 0.4, 0.45, 0.5]) == 0.8
+    # a margin that peaks early while the picture changes at 0.8 (ShapesBench's shape edits)
+    assert choose(etas, [0.0, 0.9, 1.0, 0.6, 0.7], [0.3, 0.3, 0.38, 0.38, 0.37]) == 0.8
+    # one η: that one
+    assert choose([0.7], [0.3], [0.2]) == 0.7
     # a broken model (NaN) is an error, not a silent pick
     with pytest.raises(ModelError, match="not finite"):
         choose(etas, [0.0, float("nan"), 0.1, 0.2, 0.3], [0.1] * 5)
