@@ -14,14 +14,12 @@ not seen when it was fixed.
 no model needed), for runs whose early rows were picked by a rule shipped before.
 
 Rules:
-- shipped: imagic.auto_eta.choose (since 2026-11-27, after the test below: "jump");
+- shipped: imagic.auto_eta.choose, "jump" since 2026-11-27: the later of the earliest rule's η
+  and the η at the largest step up of 1 − SSIM (fixed before ShapesBench run 4's seed 2 existed
+  as the candidate, it won on those fresh pairs: docs/RESULTS.md, "Automatic η");
 - earliest: the rule shipped before it, the smallest η reaching FRACTION of the alignment gain;
 - closest: the rule shipped before, the η closest to the input (smallest 1 − SSIM) among those
   reaching FRACTION of the gain;
-- jump: the candidate fixed on 2026-11-27 before ShapesBench run 4's seed 2 existed (see
-  docs/RESULTS.md "Automatic η"), the later of the earliest rule's η and the η at the largest
-  step up of 1 − SSIM along the sweep; it won on the fresh pairs and is the shipped rule now
-  (the two columns agree);
 - fixed η: one η for every case (the best one is chosen knowing the answers);
 - oracle: the best η per (case, seed), knowing the answers.
 """
@@ -39,28 +37,22 @@ from imagic.bench.shapes import FIELDS, KINDS, choose_auto, read_rows, summary
 from imagic.images import write_text_atomic
 
 
-def closest(etas, margins, distances):
+def _reaching(margins):
+    """Indices of the η whose margin reaches FRACTION of the sweep's alignment gain."""
     low = min(margins)
     best = max(m - low for m in margins)
-    candidates = [i for i, m in enumerate(margins) if m - low >= FRACTION * best]
-    return etas[min(candidates, key=lambda i: (distances[i], etas[i]))]
+    return [i for i, m in enumerate(margins) if m - low >= FRACTION * best]
+
+
+def closest(etas, margins, distances):
+    return etas[min(_reaching(margins), key=lambda i: (distances[i], etas[i]))]
 
 
 def earliest(etas, margins, distances):
-    low = min(margins)
-    best = max(m - low for m in margins)
-    return min(eta for eta, m in zip(etas, margins) if m - low >= FRACTION * best)
+    return etas[min(_reaching(margins))]
 
 
-def jump(etas, margins, distances):
-    first = earliest(etas, margins, distances)
-    if len(etas) < 2:
-        return first
-    step = max(range(1, len(etas)), key=lambda i: distances[i] - distances[i - 1])
-    return max(first, etas[step])
-
-
-RULES = (("shipped", choose), ("earliest", earliest), ("closest", closest), ("jump", jump))
+RULES = (("shipped", choose), ("earliest", earliest), ("closest", closest))
 
 
 def parse_select(text: str) -> set[tuple[int, int]]:
@@ -117,9 +109,9 @@ def main(path: str, select: set[tuple[int, int]] | None = None) -> int:
     print(f"{path}: {len(sweeps)} (case, seed) pairs, η sweep {', '.join(map(str, AUTO_ETAS))}; "
           f"the shipped rule re-applied here agrees with the run's imagic-auto rows on "
           f"{agree} of {len(sweeps)}")
-    print("| kind | shipped rule (jump) | earliest (before) | closest (before that) | jump "
+    print("| kind | shipped rule (jump) | earliest (before) | closest (before that) "
           "| best fixed η | oracle | shipped / oracle | earliest / oracle | n |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for group in ("all", *KINDS):
         res = results.get(group)
         if not res:
@@ -133,9 +125,9 @@ def main(path: str, select: set[tuple[int, int]] | None = None) -> int:
             return rate(name) / rate("oracle") if rate("oracle") else float("nan")
 
         print(f"| {group} | {100 * rate('shipped'):.1f}% | {100 * rate('earliest'):.1f}% | "
-              f"{100 * rate('closest'):.1f}% | {100 * rate('jump'):.1f}% | "
-              f"{100 * rate(fixed):.1f}% ({fixed}) | {100 * rate('oracle'):.1f}% | "
-              f"{ratio('shipped'):.2f} | {ratio('earliest'):.2f} | {len(res['oracle'])} |")
+              f"{100 * rate('closest'):.1f}% | {100 * rate(fixed):.1f}% ({fixed}) | "
+              f"{100 * rate('oracle'):.1f}% | {ratio('shipped'):.2f} | {ratio('earliest'):.2f} | "
+              f"{len(res['oracle'])} |")
     return 0
 
 

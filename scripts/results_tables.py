@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagic.bench.shapes import KINDS, eta_table, read_rows, summary
+from imagic.bench.shapes import KINDS, eta_table, param_curves, read_rows, summary
 
 HELD_OUT = 16  # cases 0–15 chose the preset's learning rates (RESULTS.md, "Batched timesteps")
 
@@ -33,17 +33,7 @@ def complete(rows: list[dict]) -> list[dict]:
     return [r for r in rows if (r["case"], r["seed"]) in keep]
 
 
-def curve(rows: list[dict], method: str) -> dict[float, tuple[float, float, int]]:
-    """param -> (success rate, mean background PSNR, outputs)."""
-    by = defaultdict(list)
-    for r in rows:
-        if r["method"] == method:
-            by[r["param"]].append(r)
-    return {p: (float(np.mean([r["success"] for r in g])), float(np.mean([r["psnr"] for r in g])),
-                len(g)) for p, g in sorted(by.items())}
-
-
-def best(points: dict) -> tuple[float, tuple[float, float, int]] | None:
+def best(points: dict) -> tuple[float, tuple] | None:
     """The parameter with the highest success, ties to the higher PSNR."""
     if not points:
         return None
@@ -53,7 +43,7 @@ def best(points: dict) -> tuple[float, tuple[float, float, int]] | None:
 def cell(prefix: str, item) -> str:
     if item is None:
         return "none"
-    param, (success, psnr, _) = item
+    param, (success, psnr, *_) = item
     return f"{prefix}{param:g}: {100 * success:.1f}%, {psnr:.2f} dB"
 
 
@@ -63,16 +53,16 @@ def sdedit_bar(rows: list[dict], label: str) -> list[str]:
              "| kind | Imagic, best η | SDEdit, best strength | SDEdit at ≥ Imagic's PSNR "
              "| success lead at ≥ PSNR | outputs per setting |",
              "| --- | --- | --- | --- | --- | --- |"]
+    by_kind = param_curves(rows)  # (kind, method) -> {param: (success, PSNR, SSIM, n, pebbles)}
     for kind in KINDS:
-        group = [r for r in rows if r["kind"] == kind]
-        imagic, sdedit = best(curve(group, "imagic")), curve(group, "sdedit")
+        imagic, sdedit = best(by_kind.get((kind, "imagic"), {})), by_kind.get((kind, "sdedit"))
         if imagic is None or not sdedit:
             continue
         matched = best({s: v for s, v in sdedit.items() if v[1] >= imagic[1][1]})
         lead = (f"{100 * (imagic[1][0] - matched[1][0]):+.1f}" if matched
                 else f"{100 * imagic[1][0]:+.1f} (no strength that close)")
         lines.append(f"| {kind} | {cell('η ', imagic)} | {cell('', best(sdedit))} | "
-                     f"{cell('', matched)} | {lead} | {imagic[1][2]} |")
+                     f"{cell('', matched)} | {lead} | {imagic[1][3]} |")
     return lines
 
 

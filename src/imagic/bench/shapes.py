@@ -184,7 +184,7 @@ def read_rows(path: Path) -> list[dict]:
     return read_rows_csv(path, convert, "ShapesBench")
 
 
-def _curves(rows) -> dict:
+def param_curves(rows) -> dict:
     """(kind, method) → {param: (success rate, mean PSNR, mean SSIM, n, pebbles-kept rate)}."""
     groups = defaultdict(list)
     for r in rows:
@@ -236,7 +236,7 @@ def eta_table(rows, method: str = "imagic") -> str:
 def summary(rows) -> str:
     """Per edit kind and method: the best parameter (η or strength) by success, its success
     rate and background fidelity."""
-    curves = _curves(rows)
+    curves = param_curves(rows)
     cases = len({r["case"] for r in rows})
     seeds = len({r["seed"] for r in rows})
     lines = [f"# ShapesBench: {cases} cases × {seeds} seeds", "",
@@ -313,7 +313,7 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = _curves(rows)
+    curves = param_curves(rows)
     fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.6), sharey=True)
     styles = {"imagic": "o-", "no-finetune": "s--", "sdedit": "^-", "no-embedding": "D",
               "text-only": "x"}
