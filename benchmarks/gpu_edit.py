@@ -24,6 +24,9 @@ with random weights: speed does not depend on weight values, so nothing is downl
   stage 1 on fp32 weights under autocast, as before 2026-11-27, the reference for the bf16
   stage 1's effect.
 
+`--steady-runs N` times the steady edit N times (its spread between runs on one machine);
+`--no-low-memory` leaves the low-memory run out when only the times are wanted.
+
 Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
 torch.cuda.max_memory_allocated per run on CUDA (and per stage, as the engine records it); on
 the CPU, the process's peak RSS so far.
@@ -184,8 +187,15 @@ def main(argv=None) -> int:
                         help="scale the fast preset's step counts (tests; default 1)")
     parser.add_argument("--variants", action="store_true",
                         help="also time lora-k16-dpm++20 and fast-fp32-stage1")
+    parser.add_argument("--steady-runs", type=int, default=1,
+                        help="time the steady fast edit this many times (default 1), to see "
+                             "its spread")
+    parser.add_argument("--no-low-memory", action="store_true",
+                        help="skip the --low-memory run (when only the times are wanted)")
     parser.add_argument("--out", help="write the results as JSON here (after every run)")
     args = parser.parse_args(argv)
+    if args.steady_runs < 1 or args.reference_steps < 1:
+        parser.error("--steady-runs and --reference-steps must be at least 1")
 
     from imagic import __version__
     from imagic.backends import resolve_device
@@ -237,14 +247,17 @@ def main(argv=None) -> int:
             finetune_steps=max(1, round(fast_config.finetune_steps * args.fast_scale)))
     fast_config = replace(fast_config, **sweep)
     result["fast"] = {"preset": args.fast_preset, "scale": args.fast_scale}
-    for name, config in (("cold", fast_config), ("steady", fast_config),
-                         ("low_memory", low_memory(fast_config))):
-        result["fast"][name] = measure(backend, config, image)
-        print(name, json.dumps(result["fast"][name]), flush=True)
+    runs = [("cold", fast_config), ("steady", fast_config)]
+    runs += [(f"steady_{i}", fast_config) for i in range(2, args.steady_runs + 1)]
+    runs += [] if args.no_low_memory else [("low_memory", low_memory(fast_config))]
+    for name, config in runs:
+        run = measure(backend, config, image)
+        run["speedup"] = round(projected["total_s"] / run["total_s"], 2)
+        result["fast"][name] = run
+        if name in ("cold", "steady"):  # as soon as measured, for a run cut short
+            result[f"speedup_{name}"] = run["speedup"]
+        print(name, json.dumps(run), flush=True)
         save()
-    result["speedup_steady"] = round(projected["total_s"] / result["fast"]["steady"]["total_s"], 2)
-    result["speedup_cold"] = round(projected["total_s"] / result["fast"]["cold"]["total_s"], 2)
-    save()
     if args.variants:
         result["variants"] = {}
         for name, config in variants(fast_config).items():
@@ -277,8 +290,8 @@ def print_table(r: dict) -> None:
     ref, proj = r["reference"]["measured"][-1], r["reference"]["projected"]
     rows = [("reference (projected)", proj["stage1_s"], proj["stage2_s"], proj["generate_s"],
              proj["total_s"], ref["peak_memory_gib"])]
-    runs = [(f"{r['fast']['preset']} {name}", r["fast"][name])
-            for name in ("cold", "steady", "low_memory")]
+    runs = [(f"{r['fast']['preset']} {name}", run) for name, run in r["fast"].items()
+            if isinstance(run, dict)]
     runs += [(name, run) for name, run in r.get("variants", {}).items()]
     for name, f in runs:
         rows.append((name, f["stage1_s"], f["stage2_s"], f["generate_s"], f["total_s"],

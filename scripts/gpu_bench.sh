@@ -4,10 +4,11 @@
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
 # Runs benchmarks/gpu_edit.py (SD-1.5 shape, random weights: the paper's way against the `fast`
 # preset in one process, then two variants: a faster candidate, and `fast` without its bf16
-# stage 1; about 6 minutes on an H100). Knobs:
+# stage 1; about 7 minutes on an H100). Knobs:
 # PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu TINY=1 for a smoke test),
-# REF_STEPS (default 30). Carry .whl/ when the machine lacks diffusers. Returns in $OUT: log.txt and gpu_edit.json (commit it under
-# docs/perf/).
+# REF_STEPS (default 100: timed over 30 and 60 steps, the reference's projection was off by up
+# to 2×, docs/PERFORMANCE.md). Carry .whl/ when the machine lacks diffusers. Returns in $OUT:
+# log.txt and gpu_edit.json (commit it under docs/perf/).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -19,6 +20,6 @@ echo "== setup $(date -u +%FT%TZ)"
 source scripts/device_env.sh
 
 echo "== gpu_edit $(date -u +%FT%TZ)"
-"$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-30}" \
+"$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-100}" \
     --variants ${TINY:+--tiny} --out "$OUT/gpu_edit.json"
 echo "== done $(date -u +%FT%TZ)"

@@ -77,20 +77,27 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "r.json"
     assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "2",
-                       "--fast-scale", "0.02", "--variants", "--out", str(out)]) == 0
+                       "--fast-scale", "0.02", "--steady-runs", "2", "--variants",
+                       "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     short, long = r["reference"]["measured"]
     assert (short["stage1_steps"], long["stage1_steps"], long["images"]) == (2, 4, 8)
     proj = r["reference"]["projected"]
     per_step = (long["stage1_s"] - short["stage1_s"]) / 2
     assert proj["stage1_s"] == pytest.approx(proj["stage1_s_fixed"] + 1000 * per_step, abs=0.02)
+    assert list(r["fast"]) == ["preset", "scale", "cold", "steady", "steady_2", "low_memory"]
     for run in (r["fast"]["cold"], r["fast"]["steady"], r["fast"]["low_memory"]):
         assert run["stage1_samples"] == run["stage1_steps"] * 16
         assert run["stage2_samples"] == run["stage2_steps"] * 8
         assert run["images"] == 8 and run["total_s"] > 0
     assert r["speedup_steady"] == pytest.approx(
         r["reference"]["projected"]["total_s"] / r["fast"]["steady"]["total_s"], rel=0.01)
+    assert r["fast"]["steady_2"]["speedup"] == pytest.approx(
+        r["reference"]["projected"]["total_s"] / r["fast"]["steady_2"]["total_s"], rel=0.01)
     assert r["shape"] == "tiny" and "torch" in r["versions"]
+    with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
+        bench.main(["--tiny", "--device", "cpu", "--steady-runs", "0", "--no-low-memory"])
+    assert exit_info.value.code == 2
     k16 = r["variants"]["lora-k16-dpm++20"]
     assert k16["finetune"] == "lora" and not k16["gradient_checkpointing"]
     assert k16["stage2_samples"] == k16["stage2_steps"] * 16  # the same budget in K = 16 steps

@@ -103,14 +103,14 @@ PRESETS: dict[str, EditConfig] = {
     # lr × √K keeps the background closer to the input than lr × K (SSIM +0.10 ± 0.03, PSNR
     # +1.2 ± 0.7 dB, success as often or more; at these K against K = 1: the same success,
     # PSNR −0.2 ± 0.4 dB). Measured on an H100 (benchmarks/gpu_edit.py, SD-1.5 shape,
-    # docs/PERFORMANCE.md): 9.1 ms per stage-1 sample at K = 16, 19.4 ms per stage-2 sample at
-    # K = 8, 42.2 s per edit against 402.9 s for `paper`; peak 23.45 GiB in stage 1, 21.18 GiB
-    # in stage 2. Stage 2 stays at K = 8 because its activations grow with K beside fp32
-    # weights, gradients and Adam states.
-    # Stage 1 holds the frozen θ in bf16 (embed_low_precision; added after that measurement, not
-    # yet measured on a GPU): convolutions and matmuls see the same bf16 weights autocast would
-    # make, only the weights autocast keeps in fp32 (the norms) are rounded; the stage-1 peak is
-    # predicted to drop by the fp32 weights, 3.4 GB (docs/PERFORMANCE.md).
+    # docs/PERFORMANCE.md): 9.1–9.3 ms per stage-1 sample at K = 16, 17–25 ms per stage-2
+    # sample at K = 8 (by machine), 42–52 s per edit against 360 s for `paper` timed over 100 and
+    # 200 steps (≈ 7×); peak 21.19 GiB, in stage 2. Stage 2 stays at K = 8 because its
+    # activations grow with K beside fp32 weights, gradients and Adam states.
+    # Stage 1 holds the frozen θ in bf16 (embed_low_precision): convolutions and matmuls see the
+    # same bf16 weights autocast would make, only the weights autocast keeps in fp32 (the norms)
+    # are rounded. Measured against the same preset without it, in one run: stage 1's peak
+    # 23.48 → 20.30 GiB, its time unchanged (9.18 s).
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
     "fast": EditConfig(
