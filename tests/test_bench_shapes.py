@@ -29,11 +29,11 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     with (out / "rows.csv").open() as f:
         rows = list(csv.DictReader(f))
-    # per case: imagic and no-finetune at 2 η, auto-η's pick, no-embedding once, SDEdit at 1
-    # strength, text-only
-    assert len(rows) == 2 * (2 + 1 + 2 + 1 + 1 + 1)
-    assert {r["method"] for r in rows} == {"imagic", "imagic-auto", "no-finetune",
-                                          "no-embedding", "sdedit", "text-only"}
+    # per case: imagic, imagic-inversion and no-finetune at 2 η, auto-η's pick, no-embedding
+    # once, SDEdit at 1 strength, text-only
+    assert len(rows) == 2 * (2 + 2 + 1 + 2 + 1 + 1 + 1)
+    assert {r["method"] for r in rows} == {"imagic", "imagic-auto", "imagic-inversion",
+                                          "no-finetune", "no-embedding", "sdedit", "text-only"}
     for auto in (r for r in rows if r["method"] == "imagic-auto"):  # one of imagic's outputs
         same = [r for r in rows if r["method"] == "imagic" and r["case"] == auto["case"]
                 and r["param"] == auto["param"]]
@@ -43,6 +43,7 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
     assert all(0 <= float(r["ssim"]) <= 1 and float(r["psnr"]) > 0 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| colour | imagic |" in summary and "| size | sdedit |" in summary
+    assert "| size | imagic-inversion |" in summary
     assert "Auto-η against the oracle" in summary and "| all |" in summary
     assert (out / "tradeoff.png").stat().st_size > 0
     assert main(args) == 0  # finished cases are not redone

@@ -113,6 +113,16 @@ def test_edit_writes_images_grid_manifest_and_session_then_generate_reproduces(
                  "--sample-steps", "2", "--guidance", "3", "--out", str(other), "--quiet"]) == 0
     config = json.loads((other / "manifest.json").read_text())["config"]
     assert (config["sampler"], config["sample_steps"], config["guidance"]) == ("dpm++", 2, 3.0)
+    # from the input's inversion: one image per η, the session's first seed unless told
+    inverted = tmp_path / "inverted"
+    assert main(["generate", str(out / "session"), "--eta", "0.5,0.6", "--start", "inversion",
+                 "--out", str(inverted), "--quiet"]) == 0
+    manifest = json.loads((inverted / "manifest.json").read_text())
+    assert manifest["config"]["start"] == "inversion" and manifest["config"]["seeds"] == [0]
+    assert [i["file"] for i in manifest["images"]] == ["eta0.50_seed0.png", "eta0.60_seed0.png"]
+    code, _, err = run(capsys, "generate", out / "session", "--start", "inversion", "--seeds",
+                       "0,1", "--out", tmp_path / "refused")
+    assert code == 2 and "one seed" in err and not (tmp_path / "refused").exists()
 
 
 def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, photo_path):

@@ -284,6 +284,23 @@ def test_dpm_solver_sampler_is_reproducible_batch_invariant_and_not_ddim(backend
     assert out[0].size == (backend.resolution, backend.resolution)
 
 
+def test_inversion_start_ignores_the_seed_and_is_not_the_noise_start(backend):
+    editor = Imagic(backend, replace(QUICK, embed_steps=2, finetune_steps=2), quiet=True)
+    session = editor.fit(make_photo(), TEXT)
+    inverted = [pixels(editor.generate(session, etas=[1.0], seeds=[s], start="inversion"))[0]
+                for s in (0, 5)]
+    assert np.array_equal(*inverted)  # the input's own x_T, whatever the seed
+    noise = pixels(editor.generate(session, etas=[1.0], seeds=[0]))[0]
+    assert levels_apart(inverted[0], noise) > 2
+    with pytest.raises(InputError, match="one seed"):
+        editor.generate(session, seeds=[0, 1], start="inversion")
+    with pytest.raises(InputError, match="samples with ddim"):
+        editor.generate(session, seeds=[0], start="inversion", sampler="dpm++")
+    with pytest.raises(ValueError, match="not both"):
+        backend.sample(session.e_tgt, session.e_tgt, [torch.Generator()], 2, 1.0,
+                       x0=torch.zeros(1, 4, 8, 8), x_start=torch.zeros(1, 4, 8, 8))
+
+
 def test_unknown_sampler_is_refused_in_one_line():
     with pytest.raises(InputError, match="sampler must be one of ddim, dpm\\+\\+"):
         replace(QUICK, sampler="euler")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .bench import require_family, require_plotting
 from .errors import ImagicError, InputError
-from .presets import SAMPLERS
+from .presets import SAMPLERS, STARTS
 
 EDIT_EXAMPLE = """example:
   imagic edit dog.png "a photo of a sitting dog" \\
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampler", choices=SAMPLERS,
                        help="stage 3's solver: ddim (the paper's) or dpm++ (DPM-Solver++ 2M: "
                             "use ~20 steps); default: the preset's or the session's")
+        p.add_argument("--start", choices=STARTS,
+                       help="where sampling starts: noise (the paper: fresh noise per seed) or "
+                            "inversion (the input's own noise, found by running DDIM backwards: "
+                            "keeps its details; one image per η); default: the preset's or the "
+                            "session's")
         p.add_argument("--out", help=out_help)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -223,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--strengths", type=parse_etas,
                         help="SDEdit strengths (default 0.3:0.9:0.1)")
     shapes.add_argument("--methods", type=parse_methods,
-                        help="comma-separated subset of: imagic, imagic-auto, no-finetune, "
-                             "no-embedding, sdedit, text-only (default: all)")
+                        help="comma-separated subset of: imagic, imagic-auto, "
+                             "imagic-inversion, no-finetune, no-embedding, sdedit, text-only "
+                             "(default: all)")
     shapes.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
     shapes.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
     shapes.add_argument("--embed-lr", type=float, help="override the preset's stage 1 lr")
@@ -285,7 +291,7 @@ CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
     "lora_lr": "lora_lr", "timesteps_per_step": "timesteps_per_step",
     "finetune_timesteps_per_step": "finetune_timesteps_per_step", "seed": "seed",
     "eta": "etas", "seeds": "seeds", "guidance": "guidance", "sample_steps": "sample_steps",
-    "sampler": "sampler",
+    "sampler": "sampler", "start": "start",
 }
 
 
@@ -369,10 +375,14 @@ def cmd_edit(args) -> int:
                          "--lora-lr")
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails before the model loads
+    if args.start == "inversion" and args.seeds is None:
+        overrides["seeds"] = (0,)  # every seed would give the same picture
     replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers
     # 2. Load the model (its own preset unless --preset), fit (stages 1-2), generate (stage 3)
     backend = _load(args, args.model)
     preset = get_preset(args.preset or backend.default_preset)
+    if args.start == "inversion" and args.seeds is None:
+        overrides["seeds"] = preset.seeds[:1]
     config = replace(low_memory(preset) if args.low_memory else preset, **overrides)
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
@@ -420,11 +430,14 @@ def cmd_generate(args) -> int:
     editor = Imagic(backend, session.config, quiet=args.quiet)
     etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
     seeds = args.seeds or session.config.seeds
+    if args.start == "inversion" and args.seeds is None:
+        seeds = seeds[:1]  # every seed would give the same picture
     results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps,
-                              args.sampler)
+                              args.sampler, args.start)
     choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     stage3 = {k: v for k, v in (("guidance", args.guidance), ("sample_steps", args.sample_steps),
-                                 ("sampler", args.sampler)) if v is not None}
+                                 ("sampler", args.sampler), ("start", args.start))
+              if v is not None}
     write_outputs(out, session, results, etas, seeds,
                   {"command": "generate", "session": str(Path(args.session).resolve())},
                   choices, stage3,
@@ -518,7 +531,7 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices
                   stage3: dict | None = None, timings: dict | None = None) -> None:
     """One PNG per (η, seed), grid.png and manifest.json, each written atomically; with auto-η
     `choices` also auto_seedS.png (the chosen image) and the signals behind each choice.
-    `stage3`: sampling settings that differ from the session's (guidance, steps, sampler);
+    `stage3`: sampling settings that differ from the session's (guidance, steps, sampler, start);
     `timings`: this run's (default: the session's, every stage of an edit)."""
     from .images import make_grid, save_atomic, write_text_atomic
     from .session import library_versions

@@ -131,11 +131,14 @@ def generate(
     sample_steps: int | None = None,
     quiet: bool = False,
     sampler: str | None = None,
+    start: str | None = None,
 ) -> list[EditImage]:
     """Stage 3: sample with θ' = θ + delta at ē(η) for every (seed, η), in batches.
 
     Image (seed, η) starts from noise drawn by a generator seeded with `seed` alone, so the same
-    seed gives the same starting noise at every η, and batching never changes a picture.
+    seed gives the same starting noise at every η, and batching never changes a picture. With
+    start "inversion" every image starts from x_T, the input's DDIM inversion under θ' and
+    e_opt, instead (not in the paper).
     """
     config = session.config
     config = replace(
@@ -145,7 +148,8 @@ def generate(
         guidance=config.guidance if guidance is None else guidance,
         sample_steps=config.sample_steps if sample_steps is None else sample_steps,
         sampler=config.sampler if sampler is None else sampler,
-    )  # replace() re-runs the checks on η, seeds, guidance, steps and sampler
+        start=config.start if start is None else start,
+    )  # replace() re-runs the checks on η, seeds, guidance, steps, sampler and start
     session.check_model(backend)
     check_sample_steps(backend, config.sample_steps)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
@@ -155,13 +159,17 @@ def generate(
     results: list[EditImage] = []
     bar = tqdm(total=len(jobs), desc="stage 3/3 generate", unit="img", disable=quiet)
     with backend.apply_delta(session.delta):
-        for start in range(0, len(jobs), config.sample_batch):
-            chunk = jobs[start : start + config.sample_batch]
+        x_start = None
+        if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
+            x0 = backend.encode_image(session.input_image)
+            x_start = backend.invert(x0, e_opt, config.sample_steps)
+        for first in range(0, len(jobs), config.sample_batch):
+            chunk = jobs[first : first + config.sample_batch]
             conds = TextCond.cat([interpolate(e_tgt, e_opt, eta) for _, eta in chunk])
             generators = [torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk]
             images = backend.sample(
                 conds, uncond, generators, config.sample_steps, config.guidance,
-                sampler=config.sampler,
+                sampler=config.sampler, x_start=x_start,
             )
             results += [EditImage(eta, seed, img) for (seed, eta), img in zip(chunk, images)]
             bar.update(len(chunk))
@@ -240,12 +248,13 @@ class Imagic:
         guidance: float | None = None,
         sample_steps: int | None = None,
         sampler: str | None = None,
+        start: str | None = None,
     ) -> list[EditImage]:
         """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
         with _measured(session.timings, "generate", self.backend.device):
             images = generate(
                 self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
-                sampler=sampler,
+                sampler=sampler, start=start,
             )
         return images
 

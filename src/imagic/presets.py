@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import InputError
 
 SAMPLERS = ("ddim", "dpm++")  # stage 3's solvers (backends/diffusers_unet.make_sampler)
+STARTS = ("noise", "inversion")  # where stage 3's sampling starts (EditConfig.start)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class EditConfig:
     sample_steps: int = 50  # sampler steps
     sampler: str = "ddim"  # "ddim" (the paper's) or "dpm++" (DPM-Solver++ 2M, fewer steps)
     sample_batch: int = 8  # images per sampling call
+    # "noise": fresh noise per seed (the paper); "inversion": the input itself run up the noise
+    # schedule by DDIM under θ' and e_opt, so every η starts from the input's own noise and keeps
+    # its details (not in the paper; one image per η, so one seed, and DDIM only)
+    start: str = "noise"
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -72,6 +77,15 @@ def check_config(config: EditConfig) -> None:
                          f"{config.finetune_timesteps_per_step}")
     if config.sampler not in SAMPLERS:
         raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {config.sampler!r}")
+    if config.start not in STARTS:
+        raise InputError(f"start must be one of {', '.join(STARTS)}, got {config.start!r}")
+    if config.start == "inversion" and config.sampler != "ddim":
+        raise InputError("start 'inversion' runs DDIM backwards from the input, so it samples "
+                         f"with ddim; got sampler {config.sampler!r}")
+    if config.start == "inversion" and len(config.seeds) > 1:
+        raise InputError("start 'inversion' starts every image from the input's own inversion, "
+                         "so every seed gives the same picture: give one seed (start 'noise' "
+                         "samples one picture per seed)")
     if config.finetune not in ("full", "lora"):
         raise InputError(f"finetune must be 'full' or 'lora', got {config.finetune!r}")
     if not config.etas:

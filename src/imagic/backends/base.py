@@ -152,6 +152,7 @@ class Backend(Protocol):
         x0: torch.Tensor | None = None,
         strength: float = 1.0,
         sampler: str = "ddim",
+        x_start: torch.Tensor | None = None,
     ) -> list[Image.Image]:
         """Stage 3: one image per row of `conds`, classifier-free guided against `uncond`; the
         initial noise of image i comes from `generators[i]` alone, so batching never changes it.
@@ -159,5 +160,11 @@ class Backend(Protocol):
         about as good in 20 steps as DDIM in 50).
 
         With `x0` (the SDEdit baseline), start from x0 noised to `strength` of the way (1: pure
-        noise) and run that last part of the schedule."""
+        noise) and run that last part of the schedule. With `x_start` (from `invert`), every
+        image starts there instead of from the generators' noise."""
+
+    def invert(self, x0: torch.Tensor, cond: TextCond, steps: int) -> torch.Tensor:
+        """x_T: x0 run up the noise schedule by DDIM inversion (deterministic, `steps` steps,
+        conditioned on `cond` without guidance). DDIM sampling from x_T in the same steps with
+        the same cond gives x0 back, up to the discretisation."""
 

@@ -8,6 +8,7 @@ model and other Imagen-style cascades.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 
@@ -256,7 +257,9 @@ class UNetBackend:
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0, sampler="ddim"):
+               strength=1.0, sampler="ddim", x_start=None):
+        if x0 is not None and x_start is not None:
+            raise ValueError("give x0 (SDEdit) or x_start (an inversion), not both")
         self._settle()
         scheduler = make_sampler(sampler, self.sampler_config)
         scheduler.set_timesteps(steps, device=self.device)
@@ -265,7 +268,9 @@ class UNetBackend:
         size = self.unet.config.sample_size
         shape = (1, self.unet.config.out_channels, size, size)
         x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        if x0 is None:
+        if x_start is not None:  # the input's inversion: the generators' noise is not used
+            x = x_start.to(self.device, torch.float32).expand(n, -1, -1, -1).clone()
+        elif x0 is None:
             x = x * scheduler.init_noise_sigma
         else:  # SDEdit (Meng et al. 2022): noise x0 to the strength's timestep, denoise from there
             timesteps = timesteps[steps - max(1, round(steps * strength)):]
@@ -279,6 +284,23 @@ class UNetBackend:
             guided = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = scheduler.step(guided, t, x).prev_sample
         return self.decode(x)
+
+    @torch.no_grad()
+    def invert(self, x0, cond, steps):
+        from diffusers import DDIMInverseScheduler
+
+        self._settle()
+        accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
+        scheduler = DDIMInverseScheduler.from_config(  # the model's schedule, run upwards
+            {k: v for k, v in self.sampler_config.items() if k in accepted})
+        scheduler.set_timesteps(steps, device=self.device)
+        x = x0.to(self.device, torch.float32)
+        for t in scheduler.timesteps:
+            with self._autocast():
+                prediction = self.unet(self.unet_input(x), t,
+                                       encoder_hidden_states=cond.hidden_states).sample
+            x = scheduler.step(prediction.float(), t, x).prev_sample
+        return x
 
     # -- information ----------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ the target attribute reads as asked and the other three read as in the input; ba
 fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds:
 
 - imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3);
+- imagic-inversion: the same stages 1–2, stage 3 started from the input's DDIM inversion under
+  θ' and e_opt instead of fresh noise (`start="inversion"`, not in the paper), every η;
 - imagic-auto: the η that `--eta auto` picks from that sweep (:mod:`imagic.auto_eta`), scored
   like the others; compared with the oracle (the best η per case, knowing the answer);
 - no-finetune: the paper's ablation without stage 2 (ē(η) on the original model);
@@ -38,7 +40,8 @@ KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
+METHODS = ("imagic", "imagic-auto", "imagic-inversion", "no-finetune", "no-embedding", "sdedit",
+           "text-only")
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text", "margin", "distance")
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
@@ -102,8 +105,8 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
     image, text = case.image(), case.text
     config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,))
     rows = []
-    # Imagic, auto-η and the ablation without fine-tuning share stages 1–2
-    if {"imagic", "imagic-auto", "no-finetune"} & set(methods):
+    # Imagic, auto-η, the inversion start and the ablation without fine-tuning share stages 1–2
+    if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune"} & set(methods):
         session = Imagic(backend, config, quiet=True).fit(image, text)
         editor = Imagic(backend, config, quiet=True)
     if {"imagic", "imagic-auto"} & set(methods):
@@ -121,6 +124,9 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
             rows += imagic_rows
         if "imagic-auto" in methods:
             rows.append(auto_row)
+    if "imagic-inversion" in methods:
+        rows += [score(case, "imagic-inversion", r.eta, seed, r.image)
+                 for r in editor.generate(session, start="inversion")]
     if "no-finetune" in methods:
         untuned = replace(session, delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
         rows += [score(case, "no-finetune", r.eta, seed, r.image)
@@ -240,11 +246,13 @@ def summary(rows) -> str:
     cases = len({r["case"] for r in rows})
     seeds = len({r["seed"] for r in rows})
     lines = [f"# ShapesBench: {cases} cases × {seeds} seeds", "",
-             "Best parameter per method (η for imagic and no-finetune, strength for sdedit).", "",
+             "Best parameter per method (η for imagic, imagic-inversion and no-finetune, "
+             "strength for sdedit).", "",
              "| kind | method | best param | success | background PSNR (dB) | SSIM | pebbles kept "
              "| outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    methods = ("imagic", "no-finetune", "no-embedding", "sdedit", "text-only")
+    methods = ("imagic", "imagic-inversion", "no-finetune", "no-embedding", "sdedit",
+               "text-only")
     for kind in KINDS:
         for method in methods:
             curve = curves.get((kind, method))
@@ -315,8 +323,8 @@ def plot(rows, path: Path) -> None:
 
     curves = param_curves(rows)
     fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.6), sharey=True)
-    styles = {"imagic": "o-", "no-finetune": "s--", "sdedit": "^-", "no-embedding": "D",
-              "text-only": "x"}
+    styles = {"imagic": "o-", "imagic-inversion": "v-", "no-finetune": "s--", "sdedit": "^-",
+              "no-embedding": "D", "text-only": "x"}
     for ax, kind in zip(axes, KINDS):
         for method, style in styles.items():
             curve = curves.get((kind, method))
