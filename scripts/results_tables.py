@@ -2,6 +2,7 @@
 
     python scripts/results_tables.py docs/bench/shapes-run4/rows.csv > /tmp/tables.md
     python scripts/results_tables.py docs/bench/shapes-run4/rows.csv --seeds 0
+    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv docs/bench/X/rows.csv
 
 Sections: the best setting per method and edit kind; Imagic, SDEdit and no-finetune along their
 parameter; the SDEdit bar per kind (all cases, and the held-out cases 16–79 that did not choose
@@ -47,15 +48,16 @@ def cell(prefix: str, item) -> str:
     return f"{prefix}{param:g}: {100 * success:.1f}%, {psnr:.2f} dB"
 
 
-def sdedit_bar(rows: list[dict], label: str) -> list[str]:
-    lines = [f"SDEdit bar, {label}: Imagic at its best η against SDEdit at its best strength, "
-             "and SDEdit's best among the strengths whose PSNR ≥ Imagic's.", "",
-             "| kind | Imagic, best η | SDEdit, best strength | SDEdit at ≥ Imagic's PSNR "
+def sdedit_bar(rows: list[dict], label: str, method: str = "imagic") -> list[str]:
+    name = {"imagic": "Imagic"}.get(method, method)
+    lines = [f"SDEdit bar, {label}: {name} at its best η against SDEdit at its best strength, "
+             f"and SDEdit's best among the strengths whose PSNR ≥ {name}'s.", "",
+             f"| kind | {name}, best η | SDEdit, best strength | SDEdit at ≥ {name}'s PSNR "
              "| success lead at ≥ PSNR | outputs per setting |",
              "| --- | --- | --- | --- | --- | --- |"]
     by_kind = param_curves(rows)  # (kind, method) -> {param: (success, PSNR, SSIM, n, pebbles)}
     for kind in KINDS:
-        imagic, sdedit = best(by_kind.get((kind, "imagic"), {})), by_kind.get((kind, "sdedit"))
+        imagic, sdedit = best(by_kind.get((kind, method), {})), by_kind.get((kind, "sdedit"))
         if imagic is None or not sdedit:
             continue
         matched = best({s: v for s, v in sdedit.items() if v[1] >= imagic[1][1]})
@@ -93,8 +95,11 @@ def seed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(path: str, seeds: set[int] | None = None) -> int:
-    every = [r for r in read_rows(Path(path)) if seeds is None or r["seed"] in seeds]
+def main(paths: list[str], seeds: set[int] | None = None) -> int:
+    """`paths`: one run's rows.csv, or several (e.g. a method added later in its own folder):
+    their rows are read together."""
+    path = " + ".join(paths)
+    every = [r for p in paths for r in read_rows(Path(p)) if seeds is None or r["seed"] in seeds]
     rows = complete(every)
     if not rows:
         sys.exit(f"{path}: no (case, seed) pair with every method's rows"
@@ -106,6 +111,9 @@ def main(path: str, seeds: set[int] | None = None) -> int:
     print(summary(rows).split("\n", 2)[2])  # the best-setting table and Imagic along η
     print(eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "", sep="\n")
     print("\n".join(sdedit_bar(rows, "all cases and seeds")) + "\n")
+    if any(r["method"] == "imagic-inversion" for r in rows):
+        print(eta_table(rows, "imagic-inversion"), "", sep="\n")
+        print("\n".join(sdedit_bar(rows, "all cases and seeds", "imagic-inversion")) + "\n")
     held = [r for r in rows if r["case"] >= HELD_OUT]
     print("\n".join(sdedit_bar(held, f"held-out cases {HELD_OUT}–79, all seeds")) + "\n")
     for s in seeds:
@@ -121,7 +129,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rows")
+    parser.add_argument("rows", nargs="+", help="rows.csv files, read together")
     parser.add_argument("--seeds", help="only these seeds, e.g. 0 or 0,1")
     args = parser.parse_args()
     chosen = {int(s) for s in args.seeds.split(",")} if args.seeds else None

@@ -136,6 +136,19 @@ def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, pho
     assert (out / "eta1.00_seed0.png").exists()
 
 
+def test_edit_from_the_inversion_keeps_one_seed_of_the_preset(capsys, tmp_path,
+                                                               tiny_model_dir, photo_path):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
+                       "--preset", "shapes", "--start", "inversion", "--eta", "0.8,1",
+                       "--out", out, "--no-session", *FAST)
+    assert code == 0, err
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["start"] == "inversion" and config["seeds"] == [0]  # shapes has seeds 0–2
+    assert sorted(p.name for p in out.glob("eta*.png")) == ["eta0.80_seed0.png",
+                                                            "eta1.00_seed0.png"]
+
+
 def test_low_memory_trains_a_lora_adapter_with_checkpointing(capsys, tmp_path, tiny_model_dir,
                                                               photo_path):
     out = tmp_path / "out"
@@ -233,6 +246,10 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
          "--eta=-0.5,0.5"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--sample-steps", "2000"],
          "timesteps"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--start", "inversion",
+          "--sampler", "dpm++"], "samples with ddim"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--start", "inversion",
+          "--seeds", "0,1"], "one seed"),
         (["generate", "{file}", "--eta", "0.5"], "not an imagic session"),
         (["info", "{pickled}"], "pickled"),
     ],
