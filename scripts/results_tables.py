@@ -100,6 +100,10 @@ def main(paths: list[str], seeds: set[int] | None = None) -> int:
     their rows are read together."""
     path = " + ".join(paths)
     every = [r for p in paths for r in read_rows(Path(p)) if seeds is None or r["seed"] in seeds]
+    keys = [(r["case"], r["seed"], r["method"], r["param"]) for r in every]
+    if len(set(keys)) < len(keys):
+        sys.exit(f"{path}: the same output is in more than one row (a file given twice, or two "
+                 "runs of one method); give each method's rows once")
     rows = complete(every)
     if not rows:
         sys.exit(f"{path}: no (case, seed) pair with every method's rows"

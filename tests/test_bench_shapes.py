@@ -29,11 +29,11 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     with (out / "rows.csv").open() as f:
         rows = list(csv.DictReader(f))
-    # per case: imagic, imagic-inversion and no-finetune at 2 η, auto-η's pick, no-embedding
-    # once, SDEdit at 1 strength, text-only
-    assert len(rows) == 2 * (2 + 2 + 1 + 2 + 1 + 1 + 1)
-    assert {r["method"] for r in rows} == {"imagic", "imagic-auto", "imagic-inversion",
-                                          "no-finetune", "no-embedding", "sdedit", "text-only"}
+    # per case: imagic and no-finetune at 2 η, auto-η's pick, no-embedding once, SDEdit at 1
+    # strength, text-only
+    assert len(rows) == 2 * (2 + 1 + 2 + 1 + 1 + 1)
+    assert {r["method"] for r in rows} == {"imagic", "imagic-auto", "no-finetune",
+                                          "no-embedding", "sdedit", "text-only"}
     for auto in (r for r in rows if r["method"] == "imagic-auto"):  # one of imagic's outputs
         same = [r for r in rows if r["method"] == "imagic" and r["case"] == auto["case"]
                 and r["param"] == auto["param"]]
@@ -43,7 +43,6 @@ def test_smoke_run_writes_rows_summary_and_plot_and_resumes(tmp_path, capsys):
     assert all(0 <= float(r["ssim"]) <= 1 and float(r["psnr"]) > 0 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| colour | imagic |" in summary and "| size | sdedit |" in summary
-    assert "| size | imagic-inversion |" in summary
     assert "Auto-η against the oracle" in summary and "| all |" in summary
     assert (out / "tradeoff.png").stat().st_size > 0
     assert main(args) == 0  # finished cases are not redone
@@ -69,6 +68,21 @@ def test_methods_subset_runs_only_those_and_a_rerun_adds_missing_methods(tmp_pat
     (out / "rows.csv").write_text("not,a,bench\n1,2\n")
     assert main([*args, "--methods", "sdedit"]) == 2
     assert "not a ShapesBench rows.csv" in capsys.readouterr().err
+
+
+def test_imagic_inversion_runs_on_request_and_only_with_ddim(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
+            "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3", "--eta", "0,1",
+            "--quiet", "--methods", "imagic-inversion"]
+    assert main([*args, "--sampler", "dpm++"]) == 2
+    assert "ddim" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 0
+    with (out / "rows.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], float(r["param"])) for r in rows] == [("imagic-inversion", 0.0),
+                                                               ("imagic-inversion", 1.0)]
+    assert "| colour | imagic-inversion |" in (out / "summary.md").read_text()
 
 
 def test_a_stopped_run_keeps_its_finished_cases_and_summarises_them(tmp_path, monkeypatch):

@@ -69,13 +69,14 @@ def parse_etas(text: str) -> tuple[float, ...]:
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """'imagic,sdedit': a subset of ShapesBench's methods, each named once."""
-    from .bench.shapes import METHODS
+    from .bench.shapes import METHODS, OPTIONAL_METHODS
 
+    known = METHODS + OPTIONAL_METHODS
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(
-            f"unknown method {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}"
+            f"unknown method {', '.join(unknown) or '(none)'}: choose from {', '.join(known)}"
         )
     return tuple(dict.fromkeys(methods))
 
@@ -228,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--strengths", type=parse_etas,
                         help="SDEdit strengths (default 0.3:0.9:0.1)")
     shapes.add_argument("--methods", type=parse_methods,
-                        help="comma-separated subset of: imagic, imagic-auto, "
-                             "imagic-inversion, no-finetune, no-embedding, sdedit, text-only "
-                             "(default: all)")
+                        help="comma-separated subset of: imagic, imagic-auto, no-finetune, "
+                             "no-embedding, sdedit, text-only (default: these six), and "
+                             "imagic-inversion (stage 3 from the input's inversion; on request)")
     shapes.add_argument("--embed-steps", type=int, help="override the preset's stage 1 steps")
     shapes.add_argument("--finetune-steps", type=int, help="override the preset's stage 2 steps")
     shapes.add_argument("--embed-lr", type=float, help="override the preset's stage 1 lr")
@@ -386,11 +387,11 @@ def cmd_edit(args) -> int:
     config = replace(low_memory(preset) if args.low_memory else preset, **overrides)
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
-    results = editor.generate(session)
-    # 3. Write: the session folder first (the costly part), then auto-η's scoring, then images,
-    #    grid and manifest into --out
+    # 3. Write: the session folder first (the costly part, kept even if sampling fails), then
+    #    stage 3, auto-η's scoring, and the images, grid and manifest into --out
     if session_dir is not None:
         session.save(session_dir)
+    results = editor.generate(session)
     choices = choose_etas(backend, session, results) if args.eta == "auto" else None
     write_outputs(out, session, results, config.etas, config.seeds,
                   {"command": "edit", "image": str(Path(args.image).resolve()),
@@ -421,6 +422,16 @@ def cmd_generate(args) -> int:
     if out.resolve() == Path(args.session).resolve():
         raise InputError("--out is the session folder; choose another (default: "
                          "SESSION-render-N beside it)")
+    etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
+    seeds = args.seeds or session.config.seeds
+    if args.start == "inversion" and args.seeds is None:
+        seeds = seeds[:1]  # every seed would give the same picture
+    stage3 = {k: v for k, v in (("guidance", args.guidance), ("sample_steps", args.sample_steps),
+                                 ("sampler", args.sampler), ("start", args.start))
+              if v is not None}
+    # impossible combinations (several seeds for a session that starts from its inversion)
+    # fail before the model loads
+    replace(session.config, etas=tuple(etas), seeds=tuple(seeds), **stage3)
     if args.model:
         backend = _load(args, args.model)
     else:  # the session's own model, as it was loaded: revision and single-file configs too
@@ -428,16 +439,9 @@ def cmd_generate(args) -> int:
         backend = _load(args, saved.get("source"), saved.get("config"), saved.get("revision"))
     session.check_model(backend)
     editor = Imagic(backend, session.config, quiet=args.quiet)
-    etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
-    seeds = args.seeds or session.config.seeds
-    if args.start == "inversion" and args.seeds is None:
-        seeds = seeds[:1]  # every seed would give the same picture
     results = editor.generate(session, etas, seeds, args.guidance, args.sample_steps,
                               args.sampler, args.start)
     choices = choose_etas(backend, session, results) if args.eta == "auto" else None
-    stage3 = {k: v for k, v in (("guidance", args.guidance), ("sample_steps", args.sample_steps),
-                                 ("sampler", args.sampler), ("start", args.start))
-              if v is not None}
     write_outputs(out, session, results, etas, seeds,
                   {"command": "generate", "session": str(Path(args.session).resolve())},
                   choices, stage3,
@@ -485,6 +489,9 @@ def cmd_bench_shapes(args) -> int:
     if args.finetune_timesteps_per_step is not None:
         overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
     config = replace(get_preset(args.preset), **overrides)
+    if "imagic-inversion" in (args.methods or ()) and config.sampler != "ddim":
+        raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
+                         "with ddim; drop it from --methods or use --sampler ddim")
     backend = load_backend(args.model, device=args.device)
     require_family(backend, "pixel-cascade", "ShapesBench (32×32 ShapesWorld renders)")
     cases = make_cases(args.cases)[args.from_case:]

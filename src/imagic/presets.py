@@ -81,7 +81,7 @@ def check_config(config: EditConfig) -> None:
         raise InputError(f"start must be one of {', '.join(STARTS)}, got {config.start!r}")
     if config.start == "inversion" and config.sampler != "ddim":
         raise InputError("start 'inversion' runs DDIM backwards from the input, so it samples "
-                         f"with ddim; got sampler {config.sampler!r}")
+                         f"with ddim, not {config.sampler!r} (start 'noise' takes any sampler)")
     if config.start == "inversion" and len(config.seeds) > 1:
         raise InputError("start 'inversion' starts every image from the input's own inversion, "
                          "so every seed gives the same picture: give one seed (start 'noise' "

@@ -267,14 +267,15 @@ class UNetBackend:
         n = len(generators)
         size = self.unet.config.sample_size
         shape = (1, self.unet.config.out_channels, size, size)
-        x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        if x_start is not None:  # the input's inversion: the generators' noise is not used
+        if x_start is not None:  # the input's inversion: the generators are not used
             x = x_start.to(self.device, torch.float32).expand(n, -1, -1, -1).clone()
-        elif x0 is None:
-            x = x * scheduler.init_noise_sigma
-        else:  # SDEdit (Meng et al. 2022): noise x0 to the strength's timestep, denoise from there
-            timesteps = timesteps[steps - max(1, round(steps * strength)):]
-            x = scheduler.add_noise(x0.expand(n, -1, -1, -1), x, timesteps[:1].repeat(n))
+        else:
+            x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+            if x0 is None:
+                x = x * scheduler.init_noise_sigma
+            else:  # SDEdit (Meng et al. 2022): noise x0 to the strength's timestep, denoise
+                timesteps = timesteps[steps - max(1, round(steps * strength)):]
+                x = scheduler.add_noise(x0.expand(n, -1, -1, -1), x, timesteps[:1].repeat(n))
         hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), conds.hidden_states])
         for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
             model_input = self.unet_input(scheduler.scale_model_input(torch.cat([x, x]), t))
@@ -293,7 +294,11 @@ class UNetBackend:
         accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
         scheduler = DDIMInverseScheduler.from_config(  # the model's schedule, run upwards
             {k: v for k, v in self.sampler_config.items() if k in accepted})
-        scheduler.set_timesteps(steps, device=self.device)
+        try:
+            scheduler.set_timesteps(steps, device=self.device)
+        except ValueError as err:  # e.g. timestep_spacing "linspace", which it does not run
+            raise ModelError(f"this model's noise schedule cannot be inverted by DDIM ({err}); "
+                             "use --start noise") from None
         x = x0.to(self.device, torch.float32)
         for t in scheduler.timesteps:
             with self._autocast():

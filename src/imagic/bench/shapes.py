@@ -6,8 +6,9 @@ the target attribute reads as asked and the other three read as in the input; ba
 fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds:
 
 - imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3);
-- imagic-inversion: the same stages 1–2, stage 3 started from the input's DDIM inversion under
-  θ' and e_opt instead of fresh noise (`start="inversion"`, not in the paper), every η;
+- imagic-inversion (only when asked for with --methods): the same stages 1–2, stage 3 started
+  from the input's DDIM inversion under θ' and e_opt instead of fresh noise
+  (`start="inversion"`, not in the paper; DDIM only), every η;
 - imagic-auto: the η that `--eta auto` picks from that sweep (:mod:`imagic.auto_eta`), scored
   like the others; compared with the oracle (the best η per case, knowing the answer);
 - no-finetune: the paper's ablation without stage 2 (ē(η) on the original model);
@@ -40,8 +41,9 @@ KINDS = ("colour", "size", "shape", "position")
 CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITIONS}
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-METHODS = ("imagic", "imagic-auto", "imagic-inversion", "no-finetune", "no-embedding", "sdedit",
-           "text-only")
+METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
+# on request (--methods), so the runs made before it resume without re-fitting every case
+OPTIONAL_METHODS = ("imagic-inversion",)
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text", "margin", "distance")
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
