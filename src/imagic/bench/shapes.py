@@ -105,7 +105,8 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
              methods=METHODS) -> list[dict]:
     """The chosen methods on one (case, seed)."""
     image, text = case.image(), case.text
-    config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,))
+    # "imagic" is the paper's stage 3 (fresh noise), whatever the preset starts from
+    config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,), start="noise")
     rows = []
     # Imagic, auto-η, the inversion start and the ablation without fine-tuning share stages 1–2
     if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune"} & set(methods):
@@ -159,8 +160,9 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     then write the summary and the plot, also of a run stopped part way (Ctrl-C). Returns the
     CSV's path."""
     out.mkdir(parents=True, exist_ok=True)
+    recipe = replace(config, etas=(1.0,), seeds=(0,), start="noise")  # as run_case runs it
     check_same_run(out, {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
-                         "config": replace(config, etas=(1.0,), seeds=(0,)).to_dict()}, backend)
+                         "config": recipe.to_dict()}, backend)
     path = out / "rows.csv"
     done = defaultdict(set)  # (case, seed) -> the methods already in the file
     for r in read_rows(path):
