@@ -554,8 +554,10 @@ def write_outputs(out: Path, session, results, etas, seeds, extra: dict, choices
         save_atomic(chosen.image, out / f"auto_seed{seed}.png")
         files.append({"file": f"auto_seed{seed}.png", "eta": choice.eta, "seed": seed,
                       "auto": True})
+    start = (stage3 or {}).get("start", session.config.start)
     grid = make_grid(session.input_image, {(r.seed, r.eta): r.image for r in results},
-                     seeds, etas, title=session.text)
+                     seeds, etas, title=session.text,
+                     row_labels=["inversion"] if start == "inversion" else None)
     save_atomic(grid, out / "grid.png")
     manifest = {
         **extra,

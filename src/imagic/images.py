@@ -139,8 +139,10 @@ def make_grid(
     seeds: Sequence[int],
     etas: Sequence[float],
     title: str = "",
+    row_labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """The input first, then one row per seed and one column per η, with labels.
+    """The input first, then one row per seed and one column per η, with labels ("seed S"
+    unless `row_labels` gives one per row).
 
     Small images (the 32×32 ShapesWorld model) are enlarged with nearest-neighbour so the labels
     stay legible and the pixels stay honest.
@@ -168,8 +170,8 @@ def make_grid(
         draw.text((left + (j + 1) * (cell + gap), header_y), f"eta {eta:g}", fill=(0, 0, 0),
                   font=font)
     for i, seed in enumerate(seeds):
-        draw.text((4, top + i * (cell + gap) + cell // 2 - 8), f"seed {seed}", fill=(0, 0, 0),
-                  font=font)
+        label = row_labels[i] if row_labels else f"seed {seed}"
+        draw.text((4, top + i * (cell + gap) + cell // 2 - 8), label, fill=(0, 0, 0), font=font)
         for j, eta in enumerate(etas):
             paste(images[(seed, eta)], j + 1, i)
     return grid
