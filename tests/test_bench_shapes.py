@@ -74,7 +74,7 @@ def test_imagic_inversion_runs_on_request_and_only_with_ddim(tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
             "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3", "--eta", "0,1",
-            "--quiet", "--methods", "imagic-inversion"]
+            "--quiet", "--methods", "imagic-inversion", "--guidance", "2"]
     assert main([*args, "--sampler", "dpm++"]) == 2
     assert "ddim" in capsys.readouterr().err and not out.exists()
     assert main(args) == 0
@@ -83,6 +83,7 @@ def test_imagic_inversion_runs_on_request_and_only_with_ddim(tmp_path, capsys):
     assert [(r["method"], float(r["param"])) for r in rows] == [("imagic-inversion", 0.0),
                                                                ("imagic-inversion", 1.0)]
     assert "| colour | imagic-inversion |" in (out / "summary.md").read_text()
+    assert json.loads((out / "run.json").read_text())["config"]["guidance"] == 2.0
 
 
 def test_a_stopped_run_keeps_its_finished_cases_and_summarises_them(tmp_path, monkeypatch):

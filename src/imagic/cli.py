@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="K for stage 2 only (after --timesteps-per-step)")
     shapes.add_argument("--sample-steps", type=int, help="override the preset's sampling steps")
     shapes.add_argument("--sampler", choices=SAMPLERS, help="override the preset's sampler")
+    shapes.add_argument("--guidance", type=float,
+                        help="override the preset's classifier-free guidance scale")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(func=cmd_bench_shapes)
@@ -482,7 +484,8 @@ def cmd_bench_shapes(args) -> int:
                                    ("embed_lr", args.embed_lr),
                                    ("finetune_lr", args.finetune_lr),
                                    ("sample_steps", args.sample_steps),
-                                   ("sampler", args.sampler)) if v is not None}
+                                   ("sampler", args.sampler), ("guidance", args.guidance))
+                 if v is not None}
     if args.timesteps_per_step is not None:
         overrides.update(timesteps_per_step=args.timesteps_per_step,
                          finetune_timesteps_per_step=None)
