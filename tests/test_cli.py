@@ -136,17 +136,26 @@ def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, pho
     assert (out / "eta1.00_seed0.png").exists()
 
 
-def test_edit_from_the_inversion_keeps_one_seed_of_the_preset(capsys, tmp_path,
-                                                               tiny_model_dir, photo_path):
+def test_the_shapes_preset_starts_from_the_inversion_and_start_noise_takes_seeds(
+        capsys, tmp_path, tiny_model_dir, photo_path):
     out = tmp_path / "out"
     code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
-                       "--preset", "shapes", "--start", "inversion", "--eta", "0.8,1",
-                       "--out", out, "--no-session", *FAST)
+                       "--preset", "shapes", "--eta", "0.8,1", "--out", out, "--no-session",
+                       *FAST)
     assert code == 0, err
     config = json.loads((out / "manifest.json").read_text())["config"]
-    assert config["start"] == "inversion" and config["seeds"] == [0]  # shapes has seeds 0–2
+    assert config["start"] == "inversion" and config["seeds"] == [0]
     assert sorted(p.name for p in out.glob("eta*.png")) == ["eta0.80_seed0.png",
                                                             "eta1.00_seed0.png"]
+    # several seeds need the paper's fresh noise: refused in one line that says how
+    code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
+                       "--preset", "shapes", "--seeds", "0,1", "--out", tmp_path / "no")
+    assert code == 2 and "--start noise" in err and not (tmp_path / "no").exists()
+    noise = tmp_path / "noise"
+    assert main(["edit", str(photo_path), "a red cat", "--model", str(tiny_model_dir),
+                 "--preset", "shapes", "--start", "noise", "--seeds", "0,1", "--eta", "1",
+                 "--out", str(noise), "--no-session", *FAST]) == 0
+    assert json.loads((noise / "manifest.json").read_text())["config"]["seeds"] == [0, 1]
 
 
 def test_low_memory_trains_a_lora_adapter_with_checkpointing(capsys, tmp_path, tiny_model_dir,

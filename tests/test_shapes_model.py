@@ -50,6 +50,9 @@ def test_a_short_edit_changes_the_colour_and_keeps_the_rest(backend):
     assert found[0.0].colour == "red"  # η = 0 reconstructs the input's colour
     assert found[1.0].attributes == {"shape": "circle", "colour": "blue", "size": "large",
                                      "position": "top left"}
+    # the paper's stage 3, from fresh noise, makes the same edit
+    noise = editor.generate(session, etas=[1.0], start="noise")
+    assert detect(np.asarray(noise[0].image)).attributes == found[1.0].attributes
 
 
 def test_inversion_gives_the_input_back(backend):

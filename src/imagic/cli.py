@@ -491,7 +491,8 @@ def cmd_bench_shapes(args) -> int:
                          finetune_timesteps_per_step=None)
     if args.finetune_timesteps_per_step is not None:
         overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
-    config = replace(get_preset(args.preset), **overrides)
+    # ShapesBench sets stage 3's start per method ("imagic" is the paper's fresh noise)
+    config = replace(get_preset(args.preset), start="noise", **overrides)
     if "imagic-inversion" in (args.methods or ()) and config.sampler != "ddim":
         raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
                          "with ddim; drop it from --methods or use --sampler ddim")

@@ -81,11 +81,12 @@ def check_config(config: EditConfig) -> None:
         raise InputError(f"start must be one of {', '.join(STARTS)}, got {config.start!r}")
     if config.start == "inversion" and config.sampler != "ddim":
         raise InputError("start 'inversion' runs DDIM backwards from the input, so it samples "
-                         f"with ddim, not {config.sampler!r} (start 'noise' takes any sampler)")
+                         f"with ddim, not {config.sampler!r} (start 'noise', --start noise, "
+                         "takes any sampler)")
     if config.start == "inversion" and len(config.seeds) > 1:
         raise InputError("start 'inversion' starts every image from the input's own inversion, "
-                         "so every seed gives the same picture: give one seed (start 'noise' "
-                         "samples one picture per seed)")
+                         "so every seed gives the same picture: give one seed (start 'noise', "
+                         "--start noise, samples one picture per seed)")
     if config.finetune not in ("full", "lora"):
         raise InputError(f"finetune must be 'full' or 'lora', got {config.finetune!r}")
     if not config.etas:
@@ -145,13 +146,13 @@ PRESETS: dict[str, EditConfig] = {
     #   overfits (the text stops mattering), at 5e-6 it underfits (the background drifts);
     # - stage 3 starts from the input's inversion (start "inversion", not in the paper): on
     #   ShapesBench (80 cases, seed 0, docs/RESULTS.md) it keeps the input's pebbles in 16–26%
-    #   of the edits at η 0.7–1.0 where fresh noise keeps none, background SSIM +0.11 ± 0.01,
+    #   of the edits at η 0.7–1.0 (14% at 1.1) where fresh noise keeps 0–1%, SSIM +0.11 ± 0.01,
     #   PSNR +0.5 ± 0.7 dB, success as often from η 0.9 (99%); so one seed, one image per η;
     # - η 0.7–1.1: with these rates the edit is made from η ≈ 0.7–0.9 (90–99%), above the
     #   paper's SD range;
     # - guidance 4: the model's training default, where its text-to-image accuracy was measured;
-    # - 50 DDIM steps, the paper's sampler (`--sampler dpm++ --sample-steps 20` halves the
-    #   sweep; on ShapesBench it was not clearly at parity, see `fast`).
+    # - 50 DDIM steps, the paper's sampler (`--start noise --sampler dpm++ --sample-steps 20`
+    #   halves a fresh-noise sweep; on ShapesBench it was not clearly at parity, see `fast`).
     "shapes": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=1.25e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.7, 0.8, 0.9, 1.0, 1.1),

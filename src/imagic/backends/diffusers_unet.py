@@ -298,7 +298,7 @@ class UNetBackend:
             scheduler.set_timesteps(steps, device=self.device)
         except ValueError as err:  # e.g. timestep_spacing "linspace", which it does not run
             raise ModelError(f"this model's noise schedule cannot be inverted by DDIM ({err}); "
-                             "use --start noise") from None
+                             "start from noise instead (--start noise)") from None
         x = x0.to(self.device, torch.float32)
         for t in scheduler.timesteps:
             with self._autocast():
