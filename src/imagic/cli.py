@@ -378,14 +378,11 @@ def cmd_edit(args) -> int:
                          "--lora-lr")
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails before the model loads
-    if args.start == "inversion" and args.seeds is None:
-        overrides["seeds"] = (0,)  # every seed would give the same picture
     replace(get_preset(DEFAULT_PRESET), **overrides)  # so do impossible numbers
     # 2. Load the model (its own preset unless --preset), fit (stages 1-2), generate (stage 3)
     backend = _load(args, args.model)
     preset = get_preset(args.preset or backend.default_preset)
-    if args.start == "inversion" and args.seeds is None:
-        overrides["seeds"] = preset.seeds[:1]
+    overrides["seeds"] = seeds_for(args, preset.seeds)
     config = replace(low_memory(preset) if args.low_memory else preset, **overrides)
     editor = Imagic(backend, config, quiet=args.quiet)
     session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
@@ -402,6 +399,14 @@ def cmd_edit(args) -> int:
     if not args.quiet:
         print(time_and_memory(session.timings))
     return 0
+
+
+def seeds_for(args, default: tuple[int, ...]) -> tuple[int, ...]:
+    """--seeds, else the preset's or session's; with --start inversion only the first of those,
+    since every seed would give the same picture."""
+    if args.seeds is not None:
+        return tuple(args.seeds)
+    return default[:1] if args.start == "inversion" else default
 
 
 def time_and_memory(timings: dict[str, float]) -> str:
@@ -425,9 +430,7 @@ def cmd_generate(args) -> int:
         raise InputError("--out is the session folder; choose another (default: "
                          "SESSION-render-N beside it)")
     etas = AUTO_ETAS if args.eta == "auto" else args.eta or session.config.etas
-    seeds = args.seeds or session.config.seeds
-    if args.start == "inversion" and args.seeds is None:
-        seeds = seeds[:1]  # every seed would give the same picture
+    seeds = seeds_for(args, session.config.seeds)
     stage3 = {k: v for k, v in (("guidance", args.guidance), ("sample_steps", args.sample_steps),
                                  ("sampler", args.sampler), ("start", args.start))
               if v is not None}
