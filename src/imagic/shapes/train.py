@@ -213,6 +213,11 @@ class Trainer:
         self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_model(config.model)
         for module in (self.unet, self.text_encoder):
             module.to(self.device).train()
+        # channels_last: oneDNN's convolutions (forward and backward) on the CPU run 13% faster
+        # per step with it (822 against 941 ms at batch 32 on the 2-core machine, 2026-11-27).
+        self.channels_last = not cuda
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         if config.init_from and not config.resume:
             self.warm_start(Path(config.init_from))
         self.params = {f"{prefix}.{k}": v
@@ -265,6 +270,8 @@ class Trainer:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if self.config.model.coord_channels:
             x_t = add_coordinates(x_t)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             hidden = self.text_encoder(ids)[0]
             prediction = self.unet(x_t, t, encoder_hidden_states=hidden).sample
@@ -307,6 +314,7 @@ class Trainer:
                 for name, p in module.named_parameters():
                     p.copy_(self.ema[prefix + name])
                     p.grad = None
+        unet.to(memory_format=torch.contiguous_format)  # safetensors saves contiguous tensors
         return unet.eval(), text_encoder.eval()
 
     def ema_backend(self):
