@@ -81,6 +81,8 @@ def test_imagic_inversion_runs_on_request_and_only_with_ddim(tmp_path, capsys):
     other = ["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(tmp_path / "o"),
              "--sample-steps", "3", "--quiet", "--methods", "text-only", "--sampler", "dpm++"]
     assert main(other) == 0
+    # the protocol's guidance (4), not the shapes preset's (2), unless --guidance says otherwise
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["config"]["guidance"] == 4.0
     assert main(args) == 0
     with (out / "rows.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--sample-steps", type=int, help="override the preset's sampling steps")
     shapes.add_argument("--sampler", choices=SAMPLERS, help="override the preset's sampler")
     shapes.add_argument("--guidance", type=float,
-                        help="override the preset's classifier-free guidance scale")
+                        help="classifier-free guidance scale of every method (default 4, the "
+                             "model's training default, at which docs/RESULTS.md was measured)")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     shapes.set_defaults(func=cmd_bench_shapes)
@@ -471,7 +472,7 @@ def cmd_info(args) -> int:
 
 def cmd_bench_shapes(args) -> int:
     from .backends import load_backend
-    from .bench.shapes import ETAS, METHODS, STRENGTHS, make_cases, run
+    from .bench.shapes import ETAS, GUIDANCE, METHODS, STRENGTHS, make_cases, run
     from .presets import get_preset
 
     if args.cases < 1:
@@ -494,8 +495,10 @@ def cmd_bench_shapes(args) -> int:
                          finetune_timesteps_per_step=None)
     if args.finetune_timesteps_per_step is not None:
         overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
-    # ShapesBench sets stage 3's start per method ("imagic" is the paper's fresh noise)
-    config = replace(get_preset(args.preset), start="noise", **overrides)
+    # ShapesBench sets stage 3's start per method ("imagic" is the paper's fresh noise), and
+    # samples every method at the protocol's guidance unless told otherwise
+    config = replace(get_preset(args.preset), start="noise",
+                     **{"guidance": GUIDANCE, **overrides})
     if "imagic-inversion" in (args.methods or ()) and config.sampler != "ddim":
         raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
                          "with ddim; drop it from --methods or use --sampler ddim")

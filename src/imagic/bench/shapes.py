@@ -42,6 +42,9 @@ CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITI
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
+# The protocol's guidance, for every method: the model's training default, at which every run in
+# docs/RESULTS.md was measured (the `shapes` preset edits at 2 from the inversion; `--guidance`).
+GUIDANCE = 4.0
 # on request (--methods), so the runs made before it resume without re-fitting every case
 OPTIONAL_METHODS = ("imagic-inversion",)
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
