@@ -488,17 +488,16 @@ def cmd_bench_shapes(args) -> int:
                                    ("embed_lr", args.embed_lr),
                                    ("finetune_lr", args.finetune_lr),
                                    ("sample_steps", args.sample_steps),
-                                   ("sampler", args.sampler), ("guidance", args.guidance))
-                 if v is not None}
+                                   ("sampler", args.sampler)) if v is not None}
     if args.timesteps_per_step is not None:
         overrides.update(timesteps_per_step=args.timesteps_per_step,
                          finetune_timesteps_per_step=None)
     if args.finetune_timesteps_per_step is not None:
         overrides["finetune_timesteps_per_step"] = args.finetune_timesteps_per_step
     # ShapesBench sets stage 3's start per method ("imagic" is the paper's fresh noise), and
-    # samples every method at the protocol's guidance unless told otherwise
-    config = replace(get_preset(args.preset), start="noise",
-                     **{"guidance": GUIDANCE, **overrides})
+    # samples every method at the protocol's guidance, not the preset's, unless told otherwise
+    guidance = GUIDANCE if args.guidance is None else args.guidance
+    config = replace(get_preset(args.preset), start="noise", guidance=guidance, **overrides)
     if "imagic-inversion" in (args.methods or ()) and config.sampler != "ddim":
         raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
                          "with ddim; drop it from --methods or use --sampler ddim")
