@@ -7,10 +7,14 @@
 # BATCH (default 256), DEVICE (default cuda; DEVICE=cpu for a smoke test), SAMPLES (default 500),
 # EVAL_STEPS (default 50), GUIDANCE_SWEEP (extra guidance scales to score, default "2 7"),
 # PYTHON (default python3), RUN (work folder, default /tmp/run), INIT_FROM (an exported model
-# folder to start from), SNR_GAMMA (Min-SNR-γ loss weighting, e.g. 5).
-# Returns in $OUT (7 files): log.txt, train_log.jsonl, the last sample grid, shapes-32.tar (the
-# exported model folder as shapes-32/, ready to untar into src/imagic/assets/), eval.json (the
-# bar, default guidance) and eval_guidance{2,7}.json.
+# folder to start from), SNR_GAMMA (Min-SNR-γ loss weighting, e.g. 5), LR (AdamW learning rate,
+# default train-shapes' 3e-4), SEED (default 0), WORKERS (data processes, default
+# min(12, cores - 2)).
+# Returns in $OUT (5 files): log.txt; shapes-32.tar, holding the exported model folder as
+# shapes-32/ (ready to untar into src/imagic/assets/) beside train_log.jsonl and the last sample
+# grid as samples.png; eval.json (the bar, default guidance) and eval_guidance{2,7}.json.
+# Two runs side by side on one GPU (different RUN and OUT folders, WORKERS=6 each): source
+# scripts/device_env.sh first, and each script then skips the install.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -28,11 +32,12 @@ rm -rf "$RUN"
 "$PYTHON" -m imagic.shapes.train train-shapes --out "$RUN" --device "$DEVICE" \
     --max-minutes "${MINUTES:-7}" --steps "${STEPS:-100000}" \
     ${BATCH:+--batch-size "$BATCH"} ${INIT_FROM:+--init-from "$INIT_FROM"} \
-    ${SNR_GAMMA:+--snr-gamma "$SNR_GAMMA"} \
+    ${SNR_GAMMA:+--snr-gamma "$SNR_GAMMA"} ${LR:+--lr "$LR"} ${SEED:+--seed "$SEED"} \
+    ${WORKERS:+--workers "$WORKERS"} \
     --checkpoint-every 2000 --sample-every 2000
-cp "$RUN/train_log.jsonl" "$OUT/"
-cp "$(ls "$RUN"/samples/step_*.png | sort | tail -n 1)" "$OUT/"
-tar -cf "$OUT/shapes-32.tar" -C "$RUN" --transform 's,^model,shapes-32,' model
+cp "$(ls "$RUN"/samples/step_*.png | sort | tail -n 1)" "$RUN/samples.png"
+tar -cf "$OUT/shapes-32.tar" -C "$RUN" --transform 's,^model,shapes-32,' \
+    model train_log.jsonl samples.png
 ls -l "$OUT/shapes-32.tar"
 
 echo "== evaluate $(date -u +%FT%TZ)"
