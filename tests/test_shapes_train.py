@@ -184,15 +184,32 @@ def test_min_snr_weighting_scales_each_samples_loss_by_min_snr_gamma_over_snr(tm
     assert (weights < 1).any() and (weights == 1).any()  # clean timesteps weigh less
     assert float(trainer.train_step(batch)) == pytest.approx(float((losses * weights).mean()),
                                                               rel=1e-5)
-    plain = Trainer(tiny_config(tmp_path / "b"))
+    plain = Trainer(tiny_config(tmp_path / "b", snr_gamma=None))
     assert torch.equal(plain.loss_weights(t), torch.ones(8))
 
 
-def test_snr_gamma_must_be_positive(capsys):
+def test_defaults_are_the_shipped_models_recipe_and_snr_gamma_0_turns_it_off(monkeypatch):
+    """Min-SNR-5 and lr 1e-3 at batch 256 made the shipped model (docs/models/shapes.md, run 5);
+    other batch sizes get the learning rate scaled by √(batch / 256)."""
+    from imagic.shapes import train as train_module
+
+    assert TrainConfig().snr_gamma == 5.0
+    assert Trainer(tiny_config("unused", batch_size=256)).lr == pytest.approx(1e-3)
+    assert Trainer(tiny_config("unused", batch_size=64)).lr == pytest.approx(5e-4)
+    assert Trainer(tiny_config("unused", lr=2e-4)).lr == 2e-4
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
+    assert train_module.main(["train-shapes", "--out", "x"]) == 0
+    assert seen.pop("config").snr_gamma == 5.0
+    assert train_module.main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 0
+    assert seen.pop("config").snr_gamma is None
+
+
+def test_snr_gamma_must_not_be_negative(capsys):
     from imagic.cli import main
 
-    assert main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 2
-    assert "--snr-gamma must be a positive number" in capsys.readouterr().err
+    assert main(["train-shapes", "--out", "x", "--snr-gamma", "-1"]) == 2
+    assert "--snr-gamma must be 0 (off) or a positive number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -42,7 +42,11 @@ class TrainConfig:
     out: str = "shapes-run"  # output folder
     steps: int = 20_000  # total optimizer steps (a resumed run counts the ones already done)
     batch_size: int | None = None  # None: 256 on CUDA, 32 on the CPU
-    lr: float = 3e-4  # AdamW, constant after the warmup (robust to stopping early, with EMA)
+    # AdamW, constant after the warmup (robust to stopping early, with EMA). None: 1e-3 at batch
+    # 256, the shipped model's, scaled by √(batch / 256) for other batches (Adam's square-root
+    # rule; 3.5e-4 at the CPU's 32). 3e-4 at batch 256 left position at 68% in the same
+    # 8 minutes (docs/models/shapes.md, run 5).
+    lr: float | None = None
     warmup_steps: int = 200  # linear warmup from 0
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm
@@ -51,7 +55,7 @@ class TrainConfig:
     # Min-SNR-γ loss weighting (Hang et al., ICCV 2023): weight min(SNR, γ)/SNR per sample, so the
     # nearly clean timesteps (fine detail) stop dominating Adam's normalised updates and the noisy
     # ones, where layout ("at the top left") is decided, get a larger share. None: plain MSE.
-    snr_gamma: float | None = None
+    snr_gamma: float | None = 5.0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     seed: int = 0  # weights init and every data/noise draw
     workers: int | None = None  # data processes; None: 0 on the CPU, min(12, cores - 2) on CUDA
@@ -201,6 +205,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         cuda = self.device.type == "cuda"
         self.batch_size = config.batch_size or (256 if cuda else 32)
+        self.lr = config.lr or 1e-3 * math.sqrt(self.batch_size / 256)
         if config.workers is None:
             self.workers = min(12, max((os.cpu_count() or 1) - 2, 0)) if cuda else 0
         else:
@@ -226,7 +231,7 @@ class Trainer:
                        for k, v in module.named_parameters()}
         self.ema = {k: v.detach().clone() for k, v in self.params.items()}
         self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
+            self.params.values(), lr=self.lr, weight_decay=config.weight_decay,
             **({"fused": True} if cuda else {}),
         )
         self.alphas = self.scheduler.alphas_cumprod.to(self.device)
@@ -255,7 +260,7 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        return self.config.lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
+        return self.lr * min(1.0, (step + 1) / max(self.config.warmup_steps, 1))
 
     def sample_losses(self, batch: dict) -> torch.Tensor:
         """Per-sample ‖ε − ε_θ(x_t, t, c)‖² (mean over pixels) of a batch, and its timesteps."""
@@ -367,7 +372,7 @@ class Trainer:
                 "wall_clock_s": round(self.elapsed, 1),
                 "device": _device_name(self.device),
                 "batch_size": self.batch_size,
-                "lr": self.config.lr,
+                "lr": self.lr,
                 "ema_decay": self.config.ema_decay,
                 "caption_dropout": self.config.caption_dropout,
                 "snr_gamma": self.config.snr_gamma,
@@ -554,7 +559,8 @@ def train(config: TrainConfig) -> Path:
 # --------------------------------------------------------------------------- command line
 
 TRAIN_EXAMPLE = """examples:
-  imagic train-shapes --out shapes-run --device cuda --max-minutes 8
+  imagic train-shapes --out shapes-run --device cuda --max-minutes 8 --seed 5
+                                                 (the run that made the embedded model)
   imagic train-shapes --out shapes-run --resume --steps 30000   (continue a stopped run)
   then: imagic eval-shapes --model shapes-run/model"""
 EVAL_EXAMPLE = """example:
@@ -577,8 +583,8 @@ def add_cli(subparsers) -> None:
     train_p.add_argument("--steps", type=int, default=defaults.steps,
                          help=f"total optimizer steps (default {defaults.steps})")
     train_p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 32 on the CPU")
-    train_p.add_argument("--lr", type=float, default=defaults.lr,
-                         help=f"AdamW learning rate (default {defaults.lr:g})")
+    train_p.add_argument("--lr", type=float,
+                         help="AdamW learning rate (default: 1e-3 × √(batch size / 256))")
     train_p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     train_p.add_argument("--workers", type=int,
                          help="data processes (default: 0 on the CPU, min(12, cores-2) on CUDA)")
@@ -588,8 +594,9 @@ def add_cli(subparsers) -> None:
                          help=f"steps between checkpoints (default {defaults.checkpoint_every})")
     train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
                          help="steps between sample grids (0: only at the end)")
-    train_p.add_argument("--snr-gamma", type=float,
-                         help="Min-SNR-γ loss weighting, e.g. 5 (default: none, plain MSE)")
+    train_p.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
+                         help=f"Min-SNR-γ loss weighting (default {defaults.snr_gamma:g}; "
+                              "0: none, plain MSE)")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train_p.add_argument("--init-from", help="start from the weights of an exported model folder")
     train_p.add_argument("--seed", type=int, default=defaults.seed,
@@ -631,8 +638,9 @@ def cmd_train_shapes(args) -> int:
 
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma > 0):
-        raise InputError(f"--snr-gamma must be a positive number, got {args.snr_gamma}")
+    if not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
+        raise InputError("--snr-gamma must be 0 (off) or a positive number, "
+                         f"got {args.snr_gamma}")
     for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every",
                                                             args.checkpoint_every)):
         if value is not None and value < 1:
@@ -640,7 +648,7 @@ def cmd_train_shapes(args) -> int:
     for flag, value in (("--workers", args.workers), ("--sample-every", args.sample_every)):
         if value is not None and value < 0:
             raise InputError(f"{flag} must be 0 or more, got {value}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -653,7 +661,7 @@ def cmd_train_shapes(args) -> int:
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
-        snr_gamma=args.snr_gamma, command=" ".join(["imagic", *sys.argv[1:]]),
+        snr_gamma=args.snr_gamma or None, command=" ".join(["imagic", *sys.argv[1:]]),
     )
     train(config)
     return 0
