@@ -70,7 +70,7 @@ def main() -> int:
 def table(rows: list[dict]) -> None:
     by = defaultdict(list)
     for r in rows:
-        by[(r["method"], float(r["param"]))].append(r)
+        by[(r["method"], r["param"])].append(r)
     cases = len({r["case"] for r in rows})
     print(f"\n{cases} cases; per (method, η): success / pebbles kept / background PSNR dB")
     for method in sorted({m for m, _ in by}):
@@ -79,9 +79,9 @@ def table(rows: list[dict]) -> None:
             rs = by.get((method, eta), [])
             if rs:
                 n = len(rs)
-                cells.append(f"{100 * sum(int(r['success']) for r in rs) / n:.0f}% / "
-                             f"{100 * sum(int(r['pebbles']) for r in rs) / n:.0f}% / "
-                             f"{sum(float(r['psnr']) for r in rs) / n:.1f}")
+                cells.append(f"{100 * sum(r['success'] for r in rs) / n:.0f}% / "
+                             f"{100 * sum(r['pebbles'] for r in rs) / n:.0f}% / "
+                             f"{sum(r['psnr'] for r in rs) / n:.1f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 

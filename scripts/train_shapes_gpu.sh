@@ -7,9 +7,9 @@
 # BATCH (default 256), DEVICE (default cuda; DEVICE=cpu for a smoke test), SAMPLES (default 500),
 # EVAL_STEPS (default 50), GUIDANCE_SWEEP (extra guidance scales to score, default "2 7"),
 # PYTHON (default python3), RUN (work folder, default /tmp/run), INIT_FROM (an exported model
-# folder to start from), SNR_GAMMA (Min-SNR-γ loss weighting, e.g. 5), LR (AdamW learning rate,
-# default train-shapes' 3e-4), SEED (default 0), WORKERS (data processes, default
-# min(12, cores - 2)).
+# folder to start from), SNR_GAMMA (Min-SNR-γ loss weighting; train-shapes' default 5, 0 turns
+# it off), LR (AdamW learning rate; train-shapes' default 1e-3 at batch 256), SEED (default 0;
+# the embedded model used 5), WORKERS (data processes, default min(12, cores - 2)).
 # Returns in $OUT (5 files): log.txt; shapes-32.tar, holding the exported model folder as
 # shapes-32/ (ready to untar into src/imagic/assets/) beside train_log.jsonl and the last sample
 # grid as samples.png; eval.json (the bar, default guidance) and eval_guidance{2,7}.json.
