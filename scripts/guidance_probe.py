@@ -3,7 +3,7 @@
 Guidance enters only stage 3, so one fit per (case, seed) serves every scale: this is
 `imagic bench shapes --methods imagic-inversion --guidance G` for several G at the cost of one.
 Writes ShapesBench rows (method "imagic-inversion-gG") to OUT/rows.csv, resumable by case, and
-prints success, pebbles kept and background PSNR per (guidance, η).
+prints ShapesBench's η table for each guidance scale.
 
     python scripts/guidance_probe.py --from-case 16 --cases 40 --guidance 1,1.5,2 --out runs/g
 """
@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 from imagic.backends import load_backend
-from imagic.bench.shapes import FIELDS, make_cases, read_rows, score
+from imagic.bench.shapes import FIELDS, eta_table, make_cases, read_rows, score
 from imagic.editor import Imagic
 from imagic.presets import get_preset
 
@@ -68,21 +67,9 @@ def main() -> int:
 
 
 def table(rows: list[dict]) -> None:
-    by = defaultdict(list)
-    for r in rows:
-        by[(r["method"], r["param"])].append(r)
-    cases = len({r["case"] for r in rows})
-    print(f"\n{cases} cases; per (method, η): success / pebbles kept / background PSNR dB")
-    for method in sorted({m for m, _ in by}):
-        cells = []
-        for eta in ETAS:
-            rs = by.get((method, eta), [])
-            if rs:
-                n = len(rs)
-                cells.append(f"{100 * sum(r['success'] for r in rs) / n:.0f}% / "
-                             f"{100 * sum(r['pebbles'] for r in rs) / n:.0f}% / "
-                             f"{sum(r['psnr'] for r in rs) / n:.1f}")
-        print(f"| {method} | " + " | ".join(cells) + " |")
+    """ShapesBench's own η table (success, pebbles kept, SSIM, PSNR), one per guidance scale."""
+    for method in sorted({r["method"] for r in rows}):
+        print("\n" + eta_table(rows, method))
 
 
 if __name__ == "__main__":
