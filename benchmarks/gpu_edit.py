@@ -16,20 +16,21 @@ with random weights: speed does not depend on weight values, so nothing is downl
   (the first edit in the process: allocator growth, kernel selection) and `steady` (the second);
 - low-memory: the fast preset with `--low-memory` (stage 2 trains a LoRA adapter with gradient
   checkpointing), once, for its peak memory (the issue's bar: ≤ 12 GiB; the default ≤ 22 GiB);
-- variants (`--variants`, optional, after the rest): a candidate for a faster preset, timed
-  once, warm: `lora-k16-dpm++20` (stage 2 trains a LoRA adapter without checkpointing at
-  K = 16, 94 × 16 samples, and the sweep uses DPM-Solver++ in 20 steps). Its quality is not
-  measured here. (The first H100 run also timed `lora`, the same at K = 8: 49.0 s against the
-  fast preset's 51.7, so it was dropped.) And `fast-fp32-stage1`: the fast preset with its
-  stage 1 on fp32 weights under autocast, as before 2026-11-27, the reference for the bf16
-  stage 1's effect.
+- variants (`--variants`, optional, after the rest), each timed once, warm:
+  `fast+graphs` twice (the fast preset with `cuda_graphs`: each training step recorded once as
+  a CUDA graph and replayed, training_step.py), and `lora+graphs+dpm++20` (stage 2 trains a
+  LoRA adapter at the fast preset's K = 8, with CUDA graphs, and the sweep uses DPM-Solver++
+  in 20 steps; its quality is not measured here). Earlier runs timed `lora-k16-dpm++20` (the
+  same without graphs at K = 16: 29.2 and 29.4 s), `lora` at K = 8 (49.0 s) and the fast preset
+  with its stage 1 on fp32 weights (42.7 s against 42.4): docs/PERFORMANCE.md.
 
 `--steady-runs N` times the steady edit N times (its spread between runs on one machine);
 `--no-low-memory` leaves the low-memory run out when only the times are wanted.
 
 Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
-torch.cuda.max_memory_allocated per run on CUDA (and per stage, as the engine records it); on
-the CPU, the process's peak RSS so far.
+torch.cuda.max_memory_allocated per run on CUDA (and per stage, as the engine records it, with
+max_memory_reserved beside it: what the allocator held from the card); on the CPU, the
+process's peak RSS so far.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def measure(backend, config, image) -> dict:
     stages = ("encode", "stage1", "stage2", "generate")
     peak = (max(t[f"{s}_peak_gib"] for s in stages) * 2**30 if cuda  # the engine's, per stage
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    reserved = {"reserved_memory_gib": round(max(t[f"{s}_reserved_gib"] for s in stages), 2),
+                **{f"{s}_reserved_gib": round(t[f"{s}_reserved_gib"], 2) for s in stages}
+                } if cuda else {}
     k1 = config.timesteps_per_step
     k2 = config.finetune_timesteps_per_step or k1
     return {
@@ -148,6 +152,7 @@ def measure(backend, config, image) -> dict:
         "finetune": config.finetune, "gradient_checkpointing": config.gradient_checkpointing,
         "stage1_low_precision_unet": bool(config.embed_low_precision
                                           and backend.frozen_dtype != torch.float32),
+        "cuda_graphs": bool(config.cuda_graphs and cuda),
         "stage1_steps": config.embed_steps, "stage2_steps": config.finetune_steps,
         "stage1_samples": config.embed_steps * k1, "stage2_samples": config.finetune_steps * k2,
         "stage1_ms_per_sample": round(1e3 * t["stage1_s"] / max(config.embed_steps * k1, 1), 2),
@@ -156,6 +161,7 @@ def measure(backend, config, image) -> dict:
         "peak_memory_gib": round(peak / 2**30, 2),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
         **({f"{s}_peak_gib": round(t[f"{s}_peak_gib"], 2) for s in stages} if cuda else {}),
+        **reserved,
     }
 
 
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time lora-k16-dpm++20 and fast-fp32-stage1")
+                        help="also time fast+graphs (twice) and lora+graphs+dpm++20")
     parser.add_argument("--steady-runs", type=int, default=1,
                         help="time the steady fast edit this many times (default 1), to see "
                              "its spread")
@@ -273,17 +279,12 @@ def main(argv=None) -> int:
 
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:
-    """Candidates for a faster preset (`--variants`): stage 2 as a LoRA adapter without
-    checkpointing, then also K = 16 in stage 2 (the same 1,504 samples) and DPM-Solver++ 20;
-    and, to measure one change against the other in one run, `fast` with its stage 1 in fp32
-    weights as before 2026-11-27 (embed_low_precision off)."""
-    k16 = replace(fast, finetune="lora", finetune_timesteps_per_step=16,
-                  finetune_steps=round(fast.finetune_steps * fast.finetune_timesteps_per_step
-                                       / 16),
-                  sampler="dpm++", sample_steps=20)
-    # the fast preset without the bf16 stage 1: its memory and time, measured in the same run
-    fp32 = replace(fast, embed_low_precision=False)
-    return {"lora-k16-dpm++20": k16, "fast-fp32-stage1": fp32}
+    """Candidates for a faster preset (`--variants`): the fast preset with CUDA graphs (twice,
+    for its spread against the fast runs above), and with graphs, stage 2 as a LoRA adapter
+    (no checkpointing) and DPM-Solver++ 20 as well."""
+    graphs = replace(fast, cuda_graphs=True)
+    lora = replace(graphs, finetune="lora", sampler="dpm++", sample_steps=20)
+    return {"fast+graphs": graphs, "fast+graphs (again)": graphs, "lora+graphs+dpm++20": lora}
 
 
 def print_table(r: dict) -> None:

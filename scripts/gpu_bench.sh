@@ -2,9 +2,10 @@
 # The speed benchmark on one GPU: the one command run on a rented machine. From the repository
 # root, with $OUT set to a folder whose files come back:
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
-# Runs benchmarks/gpu_edit.py (SD-1.5 shape, random weights: the paper's way against the `fast`
-# preset in one process, then two variants: a faster candidate, and `fast` without its bf16
-# stage 1; about 7 minutes on an H100). Knobs:
+# Runs tests/test_gpu.py (the CUDA-only tests, ~30 s), then benchmarks/gpu_edit.py (SD-1.5
+# shape, random weights: the paper's way against the `fast` preset in one process, then the
+# variants: `fast` with CUDA graphs, twice, and a LoRA candidate; about 8 minutes on an H100).
+# Knobs:
 # PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu TINY=1 for a smoke test),
 # REF_STEPS (default 100: timed over 30 and 60 steps, the reference's projection was off by up
 # to 2×, docs/PERFORMANCE.md). Carry .whl/ when the machine lacks diffusers. Returns in $OUT:
@@ -18,6 +19,11 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 
 echo "== setup $(date -u +%FT%TZ)"
 source scripts/device_env.sh
+
+if [ "${DEVICE:-cuda}" != cpu ]; then
+    echo "== tests/test_gpu.py $(date -u +%FT%TZ)"
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py || echo "== tests failed"
+fi
 
 echo "== gpu_edit $(date -u +%FT%TZ)"
 "$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-100}" \

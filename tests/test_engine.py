@@ -222,7 +222,7 @@ def test_a_stage2_that_fails_part_way_gives_the_base_model_back(backend, mode, m
     before = state(backend)
     config = replace(QUICK, embed_steps=2, finetune_steps=5, finetune=mode)
     calls = []
-    real = backend.loss
+    real = backend.loss_at
 
     def loss_then_fail(*args, **kwargs):
         calls.append(1)
@@ -230,10 +230,10 @@ def test_a_stage2_that_fails_part_way_gives_the_base_model_back(backend, mode, m
             raise RuntimeError("CUDA out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "loss", loss_then_fail)
+    monkeypatch.setattr(backend, "loss_at", loss_then_fail)
     with pytest.raises(RuntimeError, match="out of memory"):
         Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
-    monkeypatch.setattr(backend, "loss", real)
+    monkeypatch.setattr(backend, "loss_at", real)
     assert unchanged(before, backend)  # θ back, no adapter left behind
     Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)  # the next edit runs
     assert unchanged(before, backend)
@@ -310,13 +310,13 @@ def test_gradient_checkpointing_trains_the_same_weights_and_switches_off(backend
     config = replace(QUICK, embed_steps=2, finetune_steps=3, finetune="lora")
     plain = Imagic(backend, config, quiet=True).fit(make_photo(), TEXT)
     seen = []  # whether checkpointing was on at each loss of stages 1-2
-    loss = backend.loss
+    loss_at = backend.loss_at
 
     def spy(*args, **kwargs):
         seen.append(backend.unet.is_gradient_checkpointing)
-        return loss(*args, **kwargs)
+        return loss_at(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "loss", spy)
+    monkeypatch.setattr(backend, "loss_at", spy)
     saved = Imagic(backend, replace(config, gradient_checkpointing=True), quiet=True).fit(
         make_photo(), TEXT)
     monkeypatch.undo()
@@ -346,6 +346,7 @@ def test_optimize_returns_every_loss_in_order_whatever_the_step_count():
     for steps in (0, 7, READBACK_EVERY, 23):
         w = torch.nn.Parameter(torch.tensor([3.0]))
         optimizer = torch.optim.SGD([w], lr=0.1)  # w ← w − 0.1·2w = 0.8·w, so loss_k = 9·0.64^k
-        losses = _optimize(lambda w=w: (w**2).sum(), optimizer, steps, "test", quiet=True)
+        losses = _optimize(lambda: (), lambda w=w: (w**2).sum(), optimizer, steps, "test",
+                           quiet=True)
         assert losses == pytest.approx([9 * 0.64**k for k in range(steps)])
         assert all(isinstance(x, float) for x in losses)

@@ -35,13 +35,13 @@ def _spy_on_loss(monkeypatch):
     from imagic.backends.diffusers_unet import UNetBackend
 
     seen = []
-    loss = UNetBackend.loss
+    draw = UNetBackend.draw
 
-    def spy(self, x0, cond, generator, batch=1, stage="base"):
+    def spy(self, x0, generator, batch=1):
         seen.append(batch)
-        return loss(self, x0, cond, generator, batch=batch, stage=stage)
+        return draw(self, x0, generator, batch=batch)
 
-    monkeypatch.setattr(UNetBackend, "loss", spy)
+    monkeypatch.setattr(UNetBackend, "draw", spy)
     return seen
 
 
@@ -98,12 +98,13 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
         bench.main(["--tiny", "--device", "cpu", "--steady-runs", "0", "--no-low-memory"])
     assert exit_info.value.code == 2
-    k16 = r["variants"]["lora-k16-dpm++20"]
-    assert k16["finetune"] == "lora" and not k16["gradient_checkpointing"]
-    assert k16["stage2_samples"] == k16["stage2_steps"] * 16  # the same budget in K = 16 steps
-    # the A/B for the bf16 stage 1: the same preset with it off; on a CPU nothing is switched
-    assert r["variants"]["fast-fp32-stage1"]["stage1_samples"] == r["fast"]["steady"][
-        "stage1_samples"]
+    assert list(r["variants"]) == ["fast+graphs", "fast+graphs (again)", "lora+graphs+dpm++20"]
+    lora = r["variants"]["lora+graphs+dpm++20"]
+    assert lora["finetune"] == "lora" and not lora["gradient_checkpointing"]
+    assert lora["stage2_samples"] == r["fast"]["steady"]["stage2_samples"]  # the same budget
+    for run in r["variants"].values():  # the same work as `fast`; on a CPU no graph is recorded
+        assert run["stage1_samples"] == r["fast"]["steady"]["stage1_samples"]
+        assert not run["cuda_graphs"]
     assert not r["fast"]["steady"]["stage1_low_precision_unet"]
 
 
@@ -124,19 +125,19 @@ def test_stage1_in_low_precision_holds_theta_in_bf16_and_gives_the_fp32_weights_
 
     backend = load_backend(str(tiny_model_dir))
     monkeypatch.setattr(backend, "frozen_dtype", torch.bfloat16)
-    monkeypatch.setattr(backend, "_autocast",
-                        lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(backend, "_autocast", lambda cache_enabled=True: torch.autocast(
+        "cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled))
     x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
     e_tgt = backend.encode_text(["a photo of a sitting dog"])
     before = _fp32_unet(backend)
     dtypes = []
-    loss = backend.loss
+    loss_at = backend.loss_at
 
     def spy(*args, **kwargs):
         dtypes.append({p.dtype for p in backend.unet.parameters()})
-        return loss(*args, **kwargs)
+        return loss_at(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "loss", spy)
+    monkeypatch.setattr(backend, "loss_at", spy)
     config = EditConfig(embed_steps=6, embed_lr=5e-2, timesteps_per_step=2)
     e_plain, plain = optimize_embedding(backend, x0, e_tgt, config, quiet=True)
     e_low, low = optimize_embedding(backend, x0, e_tgt,
@@ -201,3 +202,48 @@ def test_a_restore_that_ran_out_of_memory_is_finished_by_the_next_call(tiny_mode
     after = _fp32_unet(backend)
     assert all(torch.equal(v, after[k]) and after[k].dtype == torch.float32
                for k, v in before.items())
+
+
+def test_cuda_graphs_change_nothing_on_a_cpu_and_refuse_checkpointing(tiny_model_dir):
+    """`cuda_graphs` records steps on a GPU only: on the CPU the edit is the same, step for step.
+    Checkpointing cannot be recorded, so asking for both is one clear error, and --low-memory
+    (which checkpoints) turns graphs off."""
+    import torch
+
+    from imagic import EditConfig, load_backend
+    from imagic.editor import Imagic
+    from imagic.errors import InputError
+    from imagic.presets import low_memory
+    from imagic.training_step import EagerStep, adam, make_step
+
+    backend = load_backend(str(tiny_model_dir))
+    config = replace(get_preset("fast"), embed_steps=2, finetune_steps=2, sample_steps=2,
+                     etas=(1.0,))
+    plain, graphed = (Imagic(backend, replace(config, cuda_graphs=on), quiet=True).fit(
+        make_photo(), "a photo of a dog") for on in (False, True))
+    assert graphed.losses == plain.losses
+    assert all(torch.equal(graphed.delta.tensors[k], v) for k, v in plain.delta.tensors.items())
+    w = torch.nn.Parameter(torch.ones(2))
+    assert type(make_step(lambda: w.sum(), adam([w], 0.1, graphed=True), graphed=True)) \
+        is EagerStep
+    with pytest.raises(InputError, match="cuda_graphs cannot record gradient checkpointing"):
+        EditConfig(cuda_graphs=True, gradient_checkpointing=True)
+    assert not low_memory(replace(config, cuda_graphs=True)).cuda_graphs
+
+
+def test_the_loss_is_its_draws_then_the_loss_at_them(tiny_model_dir):
+    """`loss` = `loss_at(draw())`: the engine draws (t, ε) apart from the loss so a CUDA graph
+    can replay the loss with new draws; one seed gives the same draws and the same loss."""
+    import torch
+
+    from imagic import load_backend
+    from imagic.images import to_square
+
+    backend = load_backend(str(tiny_model_dir))
+    x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
+    cond = backend.encode_text(["a dog"])
+    t, noise = backend.draw(x0, torch.Generator().manual_seed(3), batch=4)
+    assert t.shape == (4,) and noise.shape == (4, *x0.shape[1:])
+    assert int(t.min()) >= 0 and int(t.max()) < backend.train_timesteps
+    whole = backend.loss(x0, cond, torch.Generator().manual_seed(3), batch=4)
+    assert torch.equal(whole, backend.loss_at(x0, cond, t, noise))

@@ -1,6 +1,7 @@
 """CUDA precision rules (skipped without a GPU): frozen parts in bf16, θ trained in fp32 under
 autocast, and the base model restored exactly after an edit."""
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -42,22 +43,99 @@ def test_cuda_stage1_in_low_precision_holds_bf16_and_restores_fp32(tiny_model_di
     backend = load_backend(str(tiny_model_dir), device="cuda")
     before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
     seen = []
-    loss = backend.loss
+    loss_at = backend.loss_at
 
     def spy(*args, **kwargs):
         seen.append({p.dtype for p in backend.unet.parameters()})
-        return loss(*args, **kwargs)
+        return loss_at(*args, **kwargs)
 
-    backend.loss = spy
+    backend.loss_at = spy
     config = replace(EditConfig(), embed_steps=3, finetune_steps=2, sample_steps=3, etas=(1.0,),
                      embed_low_precision=True)
     session = Imagic(backend, config, quiet=True).fit(make_photo(), "a photo of a sitting dog")
     assert seen == [{torch.bfloat16}] * 3 + [{torch.float32}] * 2
     # under autocast only the norms' weights differ (rounded to bf16): the losses hardly move
-    backend.loss = loss
+    backend.loss_at = loss_at
     plain = Imagic(backend, replace(config, embed_low_precision=False), quiet=True).fit(
         make_photo(), "a photo of a sitting dog")
     torch.testing.assert_close(session.losses["stage1"], plain.losses["stage1"], rtol=1e-2,
                                atol=0)
     after = backend.unet.state_dict()
     assert all(v.dtype == torch.float32 and torch.equal(v, after[k]) for k, v in before.items())
+
+
+def _fit_counting_losses(backend, config):
+    """fit() with `config`, counting the loss computations that ran from Python and keeping
+    the warnings."""
+    calls = []
+    loss_at = backend.loss_at
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return loss_at(*args, **kwargs)
+
+    backend.loss_at = counted
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            session = Imagic(backend, config, quiet=True).fit(make_photo(),
+                                                             "a photo of a sitting dog")
+    finally:
+        backend.loss_at = loss_at
+    return session, len(calls), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_cuda_graphs_replay_the_steps_an_eager_run_takes(tiny_model_dir, finetune):
+    """`cuda_graphs`: WARMUP_STEPS eager steps per stage, then one recorded step replayed for
+    the rest, on the same draws: the losses and trained weights of the eager run, up to the
+    kernels' rounding; θ exactly back after."""
+    from imagic.training_step import WARMUP_STEPS
+
+    backend = load_backend(str(tiny_model_dir), device="cuda")
+    before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
+    config = replace(EditConfig(), embed_steps=9, finetune_steps=9, sample_steps=3, etas=(1.0,),
+                     timesteps_per_step=2, finetune=finetune, embed_low_precision=True)
+    eager, eager_calls, _ = _fit_counting_losses(backend, config)
+    graphed, graphed_calls, caught = _fit_counting_losses(
+        backend, replace(config, cuda_graphs=True))
+    assert eager_calls == 9 + 9
+    # per stage: the warm-up steps and the recording ran Python; the other steps were replays
+    assert graphed_calls == 2 * (WARMUP_STEPS + 1)
+    assert not [m for m in caught if "CUDA graph" in m]
+    for stage in ("stage1", "stage2"):
+        torch.testing.assert_close(graphed.losses[stage], eager.losses[stage], rtol=1e-3,
+                                   atol=1e-5)
+    assert graphed.delta.tensors.keys() == eager.delta.tensors.keys()
+    for name, value in eager.delta.tensors.items():
+        torch.testing.assert_close(graphed.delta.tensors[name], value, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(graphed.e_opt.hidden_states, eager.e_opt.hidden_states,
+                               rtol=1e-3, atol=1e-4)
+    after = backend.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(tiny_model_dir):
+    """A model part that reads a value back to the CPU cannot be recorded: the stage warns and
+    goes on eagerly, and trains what the eager run trains."""
+    backend = load_backend(str(tiny_model_dir), device="cuda")
+    config = replace(EditConfig(), embed_steps=6, finetune_steps=6, sample_steps=3, etas=(1.0,),
+                     timesteps_per_step=2)
+    eager, _, _ = _fit_counting_losses(backend, config)
+    loss_at = backend.loss_at
+
+    def reads_back(*args, **kwargs):
+        loss = loss_at(*args, **kwargs)
+        float(loss)  # a read-back: allowed eagerly, not while a graph is being recorded
+        return loss
+
+    backend.loss_at = reads_back
+    try:
+        graphed, calls, caught = _fit_counting_losses(backend, replace(config, cuda_graphs=True))
+    finally:
+        backend.loss_at = loss_at
+    assert calls == 6 + 1 + 6 + 1  # every step ran eagerly, plus each stage's failed recording
+    assert sum("could not be recorded as a CUDA graph" in m for m in caught) == 2
+    for stage in ("stage1", "stage2"):
+        torch.testing.assert_close(graphed.losses[stage], eager.losses[stage], rtol=1e-3,
+                                   atol=1e-5)

@@ -34,6 +34,7 @@ from .backends.base import Backend, TextCond
 from .errors import InputError
 from .presets import EditConfig, get_preset
 from .session import EditSession
+from .training_step import adam, make_step
 
 # --------------------------------------------------------------------------- the three stages
 
@@ -48,17 +49,19 @@ def optimize_embedding(
     """Stage 1: e_opt = argmin_e L(x0, e, θ), starting from e_tgt, with θ frozen (paper eq. 2)."""
     generator = torch.Generator("cpu").manual_seed(config.seed)
     e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
-    optimizer = _adam(list(e.tensors().values()), lr=config.embed_lr)
+    optimizer = adam(list(e.tensors().values()), lr=config.embed_lr, graphed=config.cuda_graphs)
     # θ is frozen here: `fast` holds it in bf16 on a GPU (less memory; autocast makes the same
     # bf16 weights for convolutions and matmuls, and only the norms' weights are rounded)
     frozen = backend.frozen_in_low_precision() if config.embed_low_precision else nullcontext()
     with _checkpointing(backend, config.gradient_checkpointing), frozen:
         losses = _optimize(
-            lambda: backend.loss(x0, e, generator, batch=config.timesteps_per_step),
+            lambda: backend.draw(x0, generator, batch=config.timesteps_per_step),  # (t, ε)
+            lambda t, noise: backend.loss_at(x0, e, t, noise),  # L(x0, e, θ) at those draws
             optimizer,
             config.embed_steps,
             "stage 1/3 embedding",
             quiet,
+            graphed=config.cuda_graphs,
         )
     return e.map(lambda t: t.detach()), losses
 
@@ -93,17 +96,19 @@ def finetune(
         torch.manual_seed(config.seed + offset)
         params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank,
                                               stage=stage)
-    optimizer = _adam(params, lr=lr)
+    optimizer = adam(params, lr=lr, graphed=config.cuda_graphs)
     cond = cond.map(lambda t: t.detach())
     label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
     with _checkpointing(backend, config.gradient_checkpointing):
         return _optimize(
-            lambda: backend.loss(x0, cond, generator, batch=k, stage=stage),
+            lambda: backend.draw(x0, generator, batch=k),  # (t, ε)
+            lambda t, noise: backend.loss_at(x0, cond, t, noise, stage=stage),  # L(x0, e, θ)
             optimizer,
             steps,
             label,
             quiet,
+            graphed=config.cuda_graphs,
         )
 
 
@@ -276,9 +281,12 @@ def _discard_finetune(backend: Backend) -> None:
 def _measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
     """Record a step's seconds as timings[name_s] and, on a GPU, its peak memory as
     timings[name_peak_gib] (torch.cuda.max_memory_allocated: tensors, not the allocator's
-    cache). Every stage ends by reading a result back, so the clock stops after the GPU."""
+    cache) and timings[name_reserved_gib] (max_memory_reserved: what the allocator held from
+    the card, cache included). Every stage ends by reading a result back, so the clock stops
+    after the GPU."""
     cuda = torch.device(device).type == "cuda"
-    timings.pop(f"{name}_peak_gib", None)  # a loaded session's figure is not this run's
+    for kind in ("peak", "reserved"):  # a loaded session's figures are not this run's
+        timings.pop(f"{name}_{kind}_gib", None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -286,6 +294,7 @@ def _measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
     timings[f"{name}_s"] = time.perf_counter() - start
     if cuda:
         timings[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        timings[f"{name}_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
 
 
 @contextmanager
@@ -301,40 +310,36 @@ def _checkpointing(backend: Backend, enabled: bool) -> Iterator[None]:
         backend.set_gradient_checkpointing(False)
 
 
-def _adam(params, lr: float) -> torch.optim.Adam:
-    """Adam; its fused CUDA kernel when every parameter is on a GPU (one launch per step instead
-    of several per tensor: for a full UNet fine-tune, a few ms a step)."""
-    params = list(params)
-    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
-
 READBACK_EVERY = 10  # optimizer steps between reading the losses back from the device
 
 
-def _optimize(loss_fn, optimizer, steps: int, label: str, quiet: bool) -> list[float]:
-    """Plain Adam loop with a progress bar showing a running mean of the loss.
+def _optimize(draw, loss_fn, optimizer, steps: int, label: str, quiet: bool,
+              graphed: bool = False) -> list[float]:
+    """Plain Adam loop with a progress bar showing a running mean of the loss: each step draws
+    (t, ε) with `draw()` and minimizes `loss_fn(t, ε)`.
 
-    The losses stay on the device and are read back every READBACK_EVERY steps: reading one
-    (`.item()`) waits for the GPU to finish, which would stop the CPU from queueing the next
-    step's kernels while the current ones run.
+    With `graphed` on a GPU the step (forward, backward, Adam) is recorded once as a CUDA graph
+    and replayed (training_step.py): the same steps on the same draws, without launching
+    thousands of kernels from Python each time. The losses stay on the device and are read back
+    every READBACK_EVERY steps: reading one (`.item()`) waits for the GPU to finish, which would
+    stop the CPU from queueing the next step's kernels while the current ones run.
     """
     losses: list[float] = []
     pending: list[torch.Tensor] = []
     bar = tqdm(range(steps), desc=label, disable=quiet, leave=True)
     running = None
-    for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        pending.append(loss.detach())
-        if len(pending) == READBACK_EVERY or step == steps - 1:
-            for value in torch.stack(pending).tolist():
-                losses.append(value)
-                running = value if running is None else 0.95 * running + 0.05 * value
-            pending.clear()
-            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    step_fn = make_step(loss_fn, optimizer, graphed, label)
+    try:
+        for step in bar:
+            pending.append(step_fn(*draw()))
+            if len(pending) == READBACK_EVERY or step == steps - 1:
+                for value in torch.stack(pending).tolist():
+                    losses.append(value)
+                    running = value if running is None else 0.95 * running + 0.05 * value
+                pending.clear()
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    finally:
+        step_fn.close()  # the gradients (and a recording's memory) are not needed after it
     return losses
 
 

@@ -28,6 +28,7 @@ class EditConfig:
     lora_lr: float = 1e-4  # Adam learning rate for the LoRA weights
     gradient_checkpointing: bool = False  # stages 1-2: recompute activations in the backward
     embed_low_precision: bool = False  # stage 1: frozen θ in bf16 on CUDA (fp32 kept on the host)
+    cuda_graphs: bool = False  # stages 1-2 on CUDA: record a training step once, replay it
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
     timesteps_per_step: int = 1  # K: (t, ε) draws averaged per optimizer step (paper: 1)
@@ -87,6 +88,9 @@ def check_config(config: EditConfig) -> None:
         raise InputError("start 'inversion' starts every image from the input's own inversion, "
                          "so every seed gives the same picture: give one seed (start 'noise', "
                          "--start noise, samples one picture per seed)")
+    if config.cuda_graphs and config.gradient_checkpointing:
+        raise InputError("cuda_graphs cannot record gradient checkpointing (its recomputation "
+                         "reads the GPU's random state back): turn one of them off")
     if config.finetune not in ("full", "lora"):
         raise InputError(f"finetune must be 'full' or 'lora', got {config.finetune!r}")
     if not config.etas:
@@ -174,8 +178,9 @@ def low_memory(config: EditConfig) -> EditConfig:
     weights, gradients and two Adam states: 16 bytes per parameter, 13.8 GB for SD-1.5's
     860M-parameter UNet before any activation; a LoRA adapter's are a few MB, and checkpointing
     keeps only the block boundaries' activations for the backward pass (K timesteps per step
-    multiply them). This departs from the paper, which fine-tunes every weight."""
-    return replace(config, finetune="lora", gradient_checkpointing=True)
+    multiply them). This departs from the paper, which fine-tunes every weight. A CUDA graph
+    cannot record checkpointing, so `cuda_graphs` is turned off."""
+    return replace(config, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
 
 
 def get_preset(name: str) -> EditConfig:

@@ -115,11 +115,27 @@ class Backend(Protocol):
         batch: int = 1,
         stage: str = "base",
     ) -> torch.Tensor:
-        """L(x0, e, θ) = E_t,ε ‖target − f_θ(x_t, t, e)‖² over `batch` draws of (t, ε).
+        """L(x0, e, θ) = E_t,ε ‖target − f_θ(x_t, t, e)‖² over `batch` draws of (t, ε):
+        `loss_at(x0, cond, *draw(x0, generator, batch), stage)`."""
 
-        t is uniform over the training timesteps; target is ε or v by `prediction_type`. Every
-        draw comes from `generator`.
-        """
+    def draw(
+        self, x0: torch.Tensor, generator: torch.Generator, batch: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch` draws (t, ε) for the loss, on the device: t uniform over the training
+        timesteps, ε standard normal in x0's shape. Every draw comes from `generator` (a CPU
+        generator), so a seed gives the same draws on any device."""
+
+    def loss_at(
+        self,
+        x0: torch.Tensor,
+        cond: TextCond,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        stage: str = "base",
+    ) -> torch.Tensor:
+        """The loss at given draws: mean ‖target − f_θ(x_t, t, e)‖², x_t = x0 noised by ε to t,
+        target ε or v by `prediction_type`. Only device work, no host synchronisation, so the
+        engine can record it in a CUDA graph and replay it with new draws copied into t, ε."""
 
     def trainable_parameters(
         self, mode: str, lora_rank: int = 4, stage: str = "base"

@@ -89,9 +89,10 @@ class UNetBackend:
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
 
-    def _autocast(self):
+    def _autocast(self, cache_enabled: bool = True):
         enabled = self.device.type == "cuda" and self.dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled,
+                              cache_enabled=cache_enabled)
 
     @staticmethod
     def _lora_config(rank: int):
@@ -116,11 +117,18 @@ class UNetBackend:
     # -- the loss of stages 1 and 2 -----------------------------------------------------------
 
     def loss(self, x0, cond, generator, batch=1, stage="base"):
-        self._settle()
+        return self.loss_at(x0, cond, *self.draw(x0, generator, batch), stage=stage)
+
+    def draw(self, x0, generator, batch=1):
         # Drawn on the CPU generator, then moved: one seed gives the same t and ε on any device.
         steps = self.noise_scheduler.config.num_train_timesteps
         t = self._upload(torch.randint(0, steps, (batch,), generator=generator))
         noise = self._upload(torch.randn((batch, *x0.shape[1:]), generator=generator))
+        return t, noise
+
+    def loss_at(self, x0, cond, t, noise, stage="base"):
+        self._settle()
+        batch = t.shape[0]
         x0 = x0.expand(batch, -1, -1, -1)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "epsilon":
@@ -128,7 +136,8 @@ class UNetBackend:
         else:
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         hidden = cond.hidden_states.expand(batch, -1, -1)
-        with self._autocast():
+        # no autocast cache: a CUDA graph cannot record one (the casts happen once either way)
+        with self._autocast(cache_enabled=False):
             prediction = self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
         return F.mse_loss(prediction.float(), target)
 
