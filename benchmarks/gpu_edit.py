@@ -20,7 +20,10 @@ with random weights: speed does not depend on weight values, so nothing is downl
   `fast+graphs` twice (the fast preset with `cuda_graphs`: each training step recorded once as
   a CUDA graph and replayed, training_step.py), and `lora+graphs+dpm++20` (stage 2 trains a
   LoRA adapter at the fast preset's K = 8, with CUDA graphs, and the sweep uses DPM-Solver++
-  in 20 steps; its quality is not measured here). Earlier runs timed `lora-k16-dpm++20` (the
+  in 20 steps; its quality is not measured here); last, `fast+graphs+channels_last`: the same
+  as `fast+graphs` with the UNet's weights (and so its activations) in the channels-last memory
+  layout, which cuDNN's tensor-core convolutions prefer (the benchmark converts the model; the
+  engine keeps whatever layout it is given). Earlier runs timed `lora-k16-dpm++20` (the
   same without graphs at K = 16: 29.2 and 29.4 s), `lora` at K = 8 (49.0 s) and the fast preset
   with its stage 1 on fp32 weights (42.7 s against 42.4): docs/PERFORMANCE.md.
 
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time fast+graphs (twice) and lora+graphs+dpm++20")
+                        help="also time fast+graphs (twice), lora+graphs+dpm++20 and "
+                             "fast+graphs+channels_last")
     parser.add_argument("--steady-runs", type=int, default=1,
                         help="time the steady fast edit this many times (default 1), to see "
                              "its spread")
@@ -267,6 +271,8 @@ def main(argv=None) -> int:
     if args.variants:
         result["variants"] = {}
         for name, config in variants(fast_config).items():
+            if name.endswith("channels_last"):  # the last one: the model stays converted
+                backend.unet.to(memory_format=torch.channels_last)
             run = measure(backend, config, image)
             run["speedup"] = round(projected["total_s"] / run["total_s"], 2)
             result["variants"][name] = run
@@ -280,28 +286,31 @@ def main(argv=None) -> int:
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:
     """Candidates for a faster preset (`--variants`): the fast preset with CUDA graphs (twice,
-    for its spread against the fast runs above), and with graphs, stage 2 as a LoRA adapter
-    (no checkpointing) and DPM-Solver++ 20 as well."""
+    for its spread against the fast runs above); with graphs, stage 2 as a LoRA adapter (no
+    checkpointing) and DPM-Solver++ 20 as well; and `fast+graphs` again once `main` has put
+    the UNet in the channels-last layout."""
     graphs = replace(fast, cuda_graphs=True)
     lora = replace(graphs, finetune="lora", sampler="dpm++", sample_steps=20)
-    return {"fast+graphs": graphs, "fast+graphs (again)": graphs, "lora+graphs+dpm++20": lora}
+    return {"fast+graphs": graphs, "fast+graphs (again)": graphs, "lora+graphs+dpm++20": lora,
+            "fast+graphs+channels_last": graphs}
 
 
 def print_table(r: dict) -> None:
     ref, proj = r["reference"]["measured"][-1], r["reference"]["projected"]
+    nan = float("nan")  # reserved memory: CUDA only
     rows = [("reference (projected)", proj["stage1_s"], proj["stage2_s"], proj["generate_s"],
-             proj["total_s"], ref["peak_memory_gib"])]
+             proj["total_s"], ref["peak_memory_gib"], ref.get("reserved_memory_gib", nan))]
     runs = [(f"{r['fast']['preset']} {name}", run) for name, run in r["fast"].items()
             if isinstance(run, dict)]
     runs += [(name, run) for name, run in r.get("variants", {}).items()]
     for name, f in runs:
         rows.append((name, f["stage1_s"], f["stage2_s"], f["generate_s"], f["total_s"],
-                     f["peak_memory_gib"]))
+                     f["peak_memory_gib"], f.get("reserved_memory_gib", nan)))
     print(f"{r['device']} — {r['shape']} at {r['resolution']} px, 8-image η sweep")
-    print(f"{'run':24} {'stage 1 s':>10} {'stage 2 s':>10} {'sweep s':>9} {'total s':>9} "
-          f"{'peak GiB':>9}")
+    print(f"{'run':27} {'stage 1 s':>10} {'stage 2 s':>10} {'sweep s':>9} {'total s':>9} "
+          f"{'peak GiB':>9} {'reserved':>9}")
     for name, *values in rows:
-        print(f"{name:24} " + " ".join(f"{v:>9.2f}" if i else f"{v:>10.2f}"
+        print(f"{name:27} " + " ".join(f"{v:>9.2f}" if i else f"{v:>10.2f}"
                                        for i, v in enumerate(values)))
     print(f"speed-up, steady: {r['speedup_steady']}×; cold: {r['speedup_cold']}×")
 

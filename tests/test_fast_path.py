@@ -98,7 +98,8 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
         bench.main(["--tiny", "--device", "cpu", "--steady-runs", "0", "--no-low-memory"])
     assert exit_info.value.code == 2
-    assert list(r["variants"]) == ["fast+graphs", "fast+graphs (again)", "lora+graphs+dpm++20"]
+    assert list(r["variants"]) == ["fast+graphs", "fast+graphs (again)", "lora+graphs+dpm++20",
+                                   "fast+graphs+channels_last"]
     lora = r["variants"]["lora+graphs+dpm++20"]
     assert lora["finetune"] == "lora" and not lora["gradient_checkpointing"]
     assert lora["stage2_samples"] == r["fast"]["steady"]["stage2_samples"]  # the same budget

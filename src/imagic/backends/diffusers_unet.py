@@ -223,7 +223,7 @@ class UNetBackend:
         with torch.no_grad():
             for name, p in self.unet.named_parameters():
                 if name in saved and p.dtype != torch.float32:
-                    p.data = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    p.data = torch.empty_like(p.data, dtype=torch.float32)  # same layout
                     p.data.copy_(saved[name], non_blocking=True)
         _wait_for(self.device)  # the host copies may be freed only once they are copied back
         self._fp32_copies = None
