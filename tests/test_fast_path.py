@@ -184,7 +184,7 @@ def test_a_restore_that_ran_out_of_memory_is_finished_by_the_next_call(tiny_mode
     backend = load_backend(str(tiny_model_dir))
     before = _fp32_unet(backend)
     monkeypatch.setattr(backend, "frozen_dtype", torch.bfloat16)
-    empty, calls = torch.empty, []
+    empty, calls = torch.empty_like, []  # what the restore allocates each fp32 weight with
 
     def out_of_memory_once(*args, **kwargs):
         calls.append(1)
@@ -193,9 +193,9 @@ def test_a_restore_that_ran_out_of_memory_is_finished_by_the_next_call(tiny_mode
         return empty(*args, **kwargs)
 
     with pytest.raises(RuntimeError, match="stage 1 failed"), backend.frozen_in_low_precision():
-        monkeypatch.setattr(torch, "empty", out_of_memory_once)
+        monkeypatch.setattr(torch, "empty_like", out_of_memory_once)
         raise RuntimeError("stage 1 failed")
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty)
     assert torch.bfloat16 in {p.dtype for p in backend.unet.parameters()}  # still pending
     x0 = backend.encode_image(to_square(make_photo(), backend.resolution))
     loss = backend.loss(x0, backend.encode_text(["a dog"]), torch.Generator().manual_seed(0))
