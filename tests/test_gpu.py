@@ -116,8 +116,10 @@ def test_cuda_graphs_replay_the_steps_an_eager_run_takes(tiny_model_dir, finetun
 
 
 def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(tiny_model_dir):
-    """A model part that reads a value back to the CPU cannot be recorded: the stage warns and
-    goes on eagerly, and trains what the eager run trains."""
+    """A model part that reads a value back to the CPU cannot be recorded: the last warm-up
+    step finds it (synchronising operations raise there), runs again normally, and the stage
+    warns and goes on eagerly, training what the eager run trains. No recording is attempted,
+    so PyTorch's streams and allocator are as before."""
     backend = load_backend(str(tiny_model_dir), device="cuda")
     config = replace(EditConfig(), embed_steps=6, finetune_steps=6, sample_steps=3, etas=(1.0,),
                      timesteps_per_step=2)
@@ -126,7 +128,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(tiny_model_d
 
     def reads_back(*args, **kwargs):
         loss = loss_at(*args, **kwargs)
-        float(loss)  # a read-back: allowed eagerly, not while a graph is being recorded
+        float(loss)  # a read-back: allowed eagerly, not in a recording
         return loss
 
     backend.loss_at = reads_back
@@ -134,8 +136,38 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(tiny_model_d
         graphed, calls, caught = _fit_counting_losses(backend, replace(config, cuda_graphs=True))
     finally:
         backend.loss_at = loss_at
-    assert calls == 6 + 1 + 6 + 1  # every step ran eagerly, plus each stage's failed recording
-    assert sum("could not be recorded as a CUDA graph" in m for m in caught) == 2
+    assert calls == 6 + 1 + 6 + 1  # every step, plus each stage's checked step that raised
+    assert sum("cannot be recorded as a CUDA graph" in m for m in caught) == 2
     for stage in ("stage1", "stage2"):
         torch.testing.assert_close(graphed.losses[stage], eager.losses[stage], rtol=1e-3,
                                    atol=1e-5)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda.empty_cache()  # the allocator is not left mid-recording
+
+
+def test_a_failed_recording_warns_and_no_later_stage_records(tiny_model_dir, monkeypatch):
+    """If a recording itself fails (here: the loss raises only while being recorded), the stage
+    warns and goes on eagerly on the default stream, and no later stage in the process records
+    (after a real failure PyTorch's allocator may be left mid-recording)."""
+    from imagic import training_step
+
+    monkeypatch.setattr(training_step, "_recording_failed", False)
+    backend = load_backend(str(tiny_model_dir), device="cuda")
+    loss_at = backend.loss_at
+
+    def fails_when_recorded(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("simulated: not recordable")
+        return loss_at(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "loss_at", fails_when_recorded)
+    config = replace(EditConfig(), embed_steps=6, finetune_steps=6, sample_steps=3, etas=(1.0,),
+                     timesteps_per_step=2, cuda_graphs=True)
+    session, calls, caught = _fit_counting_losses(backend, config)
+    assert training_step._recording_failed
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert calls == (6 + 1) + 6  # stage 1: every step and the failed recording; stage 2: eager
+    assert [m for m in caught if "cannot be recorded as a CUDA graph" in m] == [
+        "stage 1/3 embedding: the training step cannot be recorded as a CUDA graph (simulated: "
+        "not recordable); the stage goes on without it, slower"]
+    assert len(session.losses["stage1"]) == 6 and len(session.losses["stage2"]) == 6

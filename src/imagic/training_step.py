@@ -18,6 +18,10 @@ import torch
 
 WARMUP_STEPS = 3  # eager steps before the recording (PyTorch's docs warm up 3 iterations)
 
+# Set once a recording has failed in this process: PyTorch can leave its allocator mid-capture
+# after a failed recording (pytorch/pytorch#180395), so no later stage records another.
+_recording_failed = False
+
 
 def adam(params, lr: float, graphed: bool = False) -> torch.optim.Adam:
     """Adam; its fused CUDA kernel when every parameter is on a GPU (one launch per step instead
@@ -52,31 +56,34 @@ class GraphedStep(EagerStep):
 
     The first WARMUP_STEPS steps run eagerly on a side stream (so lazy set-up, Adam's states, the
     kernels' algorithm choices, happens before the recording, as PyTorch's docs do it); they
-    are steps of the run, on its own draws. The next step is recorded, and it and every later
-    one replay the recording after their draws are copied into its inputs. The draws come from the
-    same generator in the same order as an eager run's, so the run is the eager one up to the
-    kernels' rounding. If recording fails (a model part that reads a value back to the CPU,
-    for instance), a warning says so and the rest of the stage runs eagerly.
+    are steps of the run, on its own draws. The last of them runs with PyTorch's
+    synchronisation check raising: a step that reads a value back to the CPU cannot be recorded,
+    and is found there, eagerly (the stage then warns and stays eager), rather than by a failed
+    recording. The next step is recorded on the same stream, and it and every later one replay
+    the recording after their draws are copied into its inputs. The draws come from the same
+    generator in the same order as an eager run's, so the run is the eager one up to the
+    kernels' rounding.
     """
 
     def __init__(self, loss_fn, optimizer, label: str = "a stage"):
         super().__init__(loss_fn, optimizer)
         self.label = label
         self.steps = 0
-        self.side = torch.cuda.Stream()  # the warm-up's stream
+        self.side = torch.cuda.Stream()  # the warm-up's and the recording's stream
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, ...] = ()
         self.loss: torch.Tensor | None = None
-        self.failed = False
+        self.eager = False  # set when the step cannot be recorded
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.steps += 1
-        if self.failed:
+        if self.eager:
             return super().__call__(*inputs)
         if self.steps <= WARMUP_STEPS:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                loss = super().__call__(*inputs)
+                loss = (self._checked(inputs) if self.steps == WARMUP_STEPS
+                        else super().__call__(*inputs))
             torch.cuda.current_stream().wait_stream(self.side)
             return loss
         if self.graph is None and not self._record(inputs):
@@ -86,39 +93,66 @@ class GraphedStep(EagerStep):
         self.graph.replay()
         return self.loss.clone()  # the next replay overwrites it
 
+    def _checked(self, inputs) -> torch.Tensor:
+        """The last warm-up step, with synchronising operations raising. If one does, nothing was
+        updated yet (Adam's fused step does not synchronise), and the step runs again as usual."""
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return super().__call__(*inputs)
+        except RuntimeError as err:
+            failure = err
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        self._give_up(failure)
+        return super().__call__(*inputs)
+
     def _record(self, inputs) -> bool:
+        global _recording_failed
         self.inputs = tuple(x.clone() for x in inputs)
         # The recorded backward must write the gradients, not add to them. They and the
         # activations live in the graph's own memory pool; torch.cuda.graph first gives the
         # allocator's cached blocks back (the warm-up's), so a 24 GB card does not hold both.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        previous = torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
                 loss = self.loss_fn(*self.inputs)
                 loss.backward()
                 self.optimizer.step()  # recorded, not run: parameters are unchanged so far
-        except RuntimeError as err:
-            self.failed = True
+        except RuntimeError as err:  # out of memory, or what the check above did not catch
+            _recording_failed = True
+            torch.cuda.set_stream(previous)  # a failed recording leaves its stream current
             self.inputs = ()
             self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"{self.label}: the training step could not be recorded as a CUDA "
-                          f"graph ({str(err).splitlines()[0]}); the stage goes on without it, "
-                          "slower", stacklevel=3)
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            self._give_up(err.__context__ or err)  # the cause, not capture_end's echo of it
             return False
         self.graph, self.loss = graph, loss.detach()
         return True
 
+    def _give_up(self, err: BaseException) -> None:
+        self.eager = True
+        warnings.warn(f"{self.label}: the training step cannot be recorded as a CUDA graph "
+                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                      "the stage goes on without it, slower", stacklevel=4)
+
     def close(self) -> None:
         """Free the recording and its memory pool (gradients and activations)."""
         super().close()
+        recorded = self.graph is not None
         self.graph, self.inputs, self.loss = None, (), None
+        if recorded:
+            torch.cuda.empty_cache()  # the pool's blocks back to the card, not kept cached
 
 
 def make_step(loss_fn, optimizer, graphed: bool, label: str = "a stage") -> EagerStep:
-    """GraphedStep where asked for and every trained tensor is on a CUDA device (the graph
-    records one device's kernels), EagerStep otherwise."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if graphed and params and all(p.is_cuda for p in params):
+    """GraphedStep where asked for and the optimizer can be recorded (fused Adam with every
+    trained tensor on a GPU, `adam(..., graphed=True)`), unless a recording already failed in
+    this process; EagerStep otherwise."""
+    capturable = all(group.get("capturable") for group in optimizer.param_groups)
+    if graphed and capturable and not _recording_failed:
         return GraphedStep(loss_fn, optimizer, label)
     return EagerStep(loss_fn, optimizer)

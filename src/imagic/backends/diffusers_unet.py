@@ -136,7 +136,8 @@ class UNetBackend:
         else:
             target = self.noise_scheduler.get_velocity(x0, noise, t)
         hidden = cond.hidden_states.expand(batch, -1, -1)
-        # no autocast cache: a CUDA graph cannot record one (the casts happen once either way)
+        # no autocast weight cache, as PyTorch's CUDA-graph tools require (make_graphed_callables
+        # refuses it); each weight is cast once per forward pass either way
         with self._autocast(cache_enabled=False):
             prediction = self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
         return F.mse_loss(prediction.float(), target)
