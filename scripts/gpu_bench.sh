@@ -4,7 +4,8 @@
 #   OUT=/tmp/out bash scripts/gpu_bench.sh
 # Runs tests/test_gpu.py (the CUDA-only tests, ~30 s), then benchmarks/gpu_edit.py (SD-1.5
 # shape, random weights: the paper's way against the `fast` preset in one process, then the
-# variants: `fast` with CUDA graphs, twice, and a LoRA candidate; about 8 minutes on an H100).
+# variants: `fast` with CUDA graphs twice, a LoRA candidate with graphs, and `fast` with graphs
+# in the channels-last layout; about 8 minutes on an H100).
 # Knobs:
 # PYTHON (default python3), DEVICE (default cuda; DEVICE=cpu TINY=1 for a smoke test),
 # REF_STEPS (default 100: timed over 30 and 60 steps, the reference's projection was off by up

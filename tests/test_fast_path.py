@@ -207,7 +207,7 @@ def test_a_restore_that_ran_out_of_memory_is_finished_by_the_next_call(tiny_mode
 
 def test_cuda_graphs_change_nothing_on_a_cpu_and_refuse_checkpointing(tiny_model_dir):
     """`cuda_graphs` records steps on a GPU only: on the CPU the edit is the same, step for step.
-    Checkpointing cannot be recorded, so asking for both is one clear error, and --low-memory
+    Checkpointing is not recorded, so asking for both is one clear error, and --low-memory
     (which checkpoints) turns graphs off."""
     import torch
 
@@ -227,7 +227,7 @@ def test_cuda_graphs_change_nothing_on_a_cpu_and_refuse_checkpointing(tiny_model
     w = torch.nn.Parameter(torch.ones(2))
     assert type(make_step(lambda: w.sum(), adam([w], 0.1, graphed=True), graphed=True)) \
         is EagerStep
-    with pytest.raises(InputError, match="cuda_graphs cannot record gradient checkpointing"):
+    with pytest.raises(InputError, match="cuda_graphs does not record gradient checkpointing"):
         EditConfig(cuda_graphs=True, gradient_checkpointing=True)
     assert not low_memory(replace(config, cuda_graphs=True)).cuda_graphs
 

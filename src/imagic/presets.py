@@ -89,8 +89,9 @@ def check_config(config: EditConfig) -> None:
                          "so every seed gives the same picture: give one seed (start 'noise', "
                          "--start noise, samples one picture per seed)")
     if config.cuda_graphs and config.gradient_checkpointing:
-        raise InputError("cuda_graphs cannot record gradient checkpointing (its recomputation "
-                         "reads the GPU's random state back): turn one of them off")
+        raise InputError("cuda_graphs does not record gradient checkpointing (it recomputes "
+                         "the forward pass inside the backward, with the GPU's random state "
+                         "saved and restored): turn one of them off")
     if config.finetune not in ("full", "lora"):
         raise InputError(f"finetune must be 'full' or 'lora', got {config.finetune!r}")
     if not config.etas:
@@ -178,8 +179,8 @@ def low_memory(config: EditConfig) -> EditConfig:
     weights, gradients and two Adam states: 16 bytes per parameter, 13.8 GB for SD-1.5's
     860M-parameter UNet before any activation; a LoRA adapter's are a few MB, and checkpointing
     keeps only the block boundaries' activations for the backward pass (K timesteps per step
-    multiply them). This departs from the paper, which fine-tunes every weight. A CUDA graph
-    cannot record checkpointing, so `cuda_graphs` is turned off."""
+    multiply them). This departs from the paper, which fine-tunes every weight. `cuda_graphs`
+    does not record checkpointing, so it is turned off."""
     return replace(config, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
 
 
