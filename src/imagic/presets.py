@@ -133,6 +133,8 @@ PRESETS: dict[str, EditConfig] = {
     # 23.48 → 20.30 GiB, its time unchanged (9.18 s).
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
+    # cuda_graphs stays off until an H100 run has measured it (built without a GPU; predicted
+    # ≈ 42 → 33 s per edit, docs/PERFORMANCE.md, "CUDA graphs").
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * math.sqrt(16), timesteps_per_step=16,
         embed_low_precision=True,
