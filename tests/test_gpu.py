@@ -102,7 +102,7 @@ def test_cuda_graphs_replay_the_steps_an_eager_run_takes(tiny_model_dir, finetun
     assert eager_calls == 9 + 9
     # per stage: the warm-up steps and the recording ran Python; the other steps were replays
     assert graphed_calls == 2 * (WARMUP_STEPS + 1)
-    assert not [m for m in caught if "CUDA graph" in m]
+    assert not [m for m in caught if "cannot be recorded as a CUDA graph" in m]
     for stage in ("stage1", "stage2"):
         torch.testing.assert_close(graphed.losses[stage], eager.losses[stage], rtol=1e-3,
                                    atol=1e-5)

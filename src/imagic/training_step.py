@@ -26,10 +26,12 @@ _recording_failed = False
 def adam(params, lr: float, graphed: bool = False) -> torch.optim.Adam:
     """Adam; its fused CUDA kernel when every parameter is on a GPU (one launch per step instead
     of several per tensor: for a full UNet fine-tune, a few ms a step), which a CUDA graph can
-    record when `graphed` (capturable: its step count lives on the GPU)."""
+    record when `graphed` (capturable: its step count lives on the GPU), unless a recording
+    already failed in this process."""
     params = list(params)
     fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None, capturable=fused and graphed)
+    capturable = fused and graphed and not _recording_failed
+    return torch.optim.Adam(params, lr=lr, fused=fused or None, capturable=capturable)
 
 
 class EagerStep:
@@ -95,16 +97,19 @@ class GraphedStep(EagerStep):
 
     def _checked(self, inputs) -> torch.Tensor:
         """The last warm-up step, with synchronising operations raising. If one does, nothing was
-        updated yet (Adam's fused step does not synchronise), and the step runs again as usual."""
+        updated yet (Adam's fused step does not synchronise), and the step runs again as usual;
+        any other error is the step's own and is raised."""
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             return super().__call__(*inputs)
         except RuntimeError as err:
-            failure = err
+            if "synchronizing CUDA operation" not in str(err):
+                raise
+            reason = str(err)  # a string: the error's frames (and the step's tensors) go now
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-        self._give_up(failure)
+        self._give_up(reason)
         return super().__call__(*inputs)
 
     def _record(self, inputs) -> bool:
@@ -116,28 +121,34 @@ class GraphedStep(EagerStep):
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         previous = torch.cuda.current_stream()
+        cause = None  # the recording's own error; ending the recording may then raise another
         try:
             with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-                loss = self.loss_fn(*self.inputs)
-                loss.backward()
-                self.optimizer.step()  # recorded, not run: parameters are unchanged so far
+                try:
+                    loss = self.loss_fn(*self.inputs)
+                    loss.backward()
+                    self.optimizer.step()  # recorded, not run: parameters are unchanged so far
+                except RuntimeError as err:
+                    cause = err
+                    raise
         except RuntimeError as err:  # out of memory, or what the check above did not catch
             _recording_failed = True
-            torch.cuda.set_stream(previous)  # a failed recording leaves its stream current
+            torch.cuda.set_stream(previous)  # a failed recording can leave its stream current
             self.inputs = ()
             self.optimizer.zero_grad(set_to_none=True)
-            if isinstance(err, torch.OutOfMemoryError):
+            if isinstance(cause or err, torch.OutOfMemoryError):
                 raise
-            self._give_up(err.__context__ or err)  # the cause, not capture_end's echo of it
+            reason, cause = str(cause or err), None
+            self._give_up(reason)
             return False
         self.graph, self.loss = graph, loss.detach()
         return True
 
-    def _give_up(self, err: BaseException) -> None:
+    def _give_up(self, reason: str) -> None:
         self.eager = True
         warnings.warn(f"{self.label}: the training step cannot be recorded as a CUDA graph "
-                      f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                      "the stage goes on without it, slower", stacklevel=4)
+                      f"({reason.splitlines()[0] if reason else 'no reason given'}); the stage "
+                      "goes on without it, slower", stacklevel=4)
 
     def close(self) -> None:
         """Free the recording and its memory pool (gradients and activations)."""
