@@ -28,5 +28,5 @@ fi
 
 echo "== gpu_edit $(date -u +%FT%TZ)"
 "$PYTHON" benchmarks/gpu_edit.py --device "${DEVICE:-cuda}" --reference-steps "${REF_STEPS:-100}" \
-    --variants ${TINY:+--tiny} --out "$OUT/gpu_edit.json"
+    --variants ${TINY:+--tiny} ${NO_LOW_MEMORY:+--no-low-memory} --out "$OUT/gpu_edit.json"
 echo "== done $(date -u +%FT%TZ)"
