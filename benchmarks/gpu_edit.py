@@ -194,9 +194,14 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-preset", default="fast", help="the preset to compare (fast)")
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
-    parser.add_argument("--variants", action="store_true",
-                        help="also time fast+graphs (twice), lora+graphs+dpm++20 and "
+    parser.add_argument("--variants", nargs="*", metavar="NAME",
+                        help="also time these variants; with no names, all: fast+graphs, "
+                             "'fast+graphs (again)', lora+graphs+dpm++20, "
                              "fast+graphs+channels_last")
+    parser.add_argument("--memory-cap", type=float, metavar="GIB",
+                        help="let the allocator hold at most this much of the card "
+                             "(torch.cuda.set_per_process_memory_fraction), to run as on a "
+                             "smaller card: 23.5 for a 24 GB one")
     parser.add_argument("--steady-runs", type=int, default=1,
                         help="time the steady fast edit this many times (default 1), to see "
                              "its spread")
@@ -213,6 +218,16 @@ def main(argv=None) -> int:
     from imagic.session import library_versions
 
     device = resolve_device(args.device)
+    known = variants(EditConfig())
+    unknown = [name for name in args.variants or () if name not in known]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.memory_cap is not None:
+        if device.type != "cuda" or args.memory_cap <= 0:
+            parser.error("--memory-cap needs a CUDA device and a positive size")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total),
+                                                   device)
     shape = "tiny" if args.tiny else "sd15"
     backend = build_backend(shape, device)
     image = photo(backend.resolution)
@@ -230,6 +245,7 @@ def main(argv=None) -> int:
         "resolution": backend.resolution,
         "parameters": backend.parameter_counts(),
         "versions": {"imagic": __version__, **library_versions()},
+        "memory_cap_gib": args.memory_cap,
     }
 
     def save() -> None:  # after every run, so a run cut short keeps what it measured
@@ -268,9 +284,11 @@ def main(argv=None) -> int:
             result[f"speedup_{name}"] = run["speedup"]
         print(name, json.dumps(run), flush=True)
         save()
-    if args.variants:
+    if args.variants is not None:
         result["variants"] = {}
         for name, config in variants(fast_config).items():
+            if args.variants and name not in args.variants:
+                continue
             if name.endswith("channels_last"):  # the last one: the model stays converted
                 backend.unet.to(memory_format=torch.channels_last)
             run = measure(backend, config, image)
