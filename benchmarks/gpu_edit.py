@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             parser.error("--memory-cap needs a CUDA device and a positive size")
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 2**30 / total),
-                                                   device)
+                                                   device.index or 0)
     shape = "tiny" if args.tiny else "sd15"
     backend = build_backend(shape, device)
     image = photo(backend.resolution)
