@@ -128,7 +128,7 @@ def photo(size: int) -> Image.Image:
 def measure(backend, config, image) -> dict:
     """Stages 1–2 and the η sweep once; seconds per stage (the engine's own timings, which end
     on a device sync: each stage's last step reads the losses back) and peak memory."""
-    from imagic.editor import Imagic
+    from imagic.editor import Imagic, uses_cuda_graphs
 
     cuda = backend.device.type == "cuda"
     if cuda:
@@ -155,7 +155,7 @@ def measure(backend, config, image) -> dict:
         "finetune": config.finetune, "gradient_checkpointing": config.gradient_checkpointing,
         "stage1_low_precision_unet": bool(config.embed_low_precision
                                           and backend.frozen_dtype != torch.float32),
-        "cuda_graphs": bool(config.cuda_graphs and cuda),
+        "cuda_graphs": uses_cuda_graphs(config, backend.device),
         "stage1_steps": config.embed_steps, "stage2_steps": config.finetune_steps,
         "stage1_samples": config.embed_steps * k1, "stage2_samples": config.finetune_steps * k2,
         "stage1_ms_per_sample": round(1e3 * t["stage1_s"] / max(config.embed_steps * k1, 1), 2),

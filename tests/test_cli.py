@@ -129,10 +129,13 @@ def test_edit_with_lora_pad_and_dpm_solver(capsys, tmp_path, tiny_model_dir, pho
     out = tmp_path / "out"
     code, _, err = run(capsys, "edit", photo_path, "a red cat", "--model", tiny_model_dir,
                        "--finetune", "lora", "--lora-rank", "2", "--pad", "--eta", "1",
-                       "--sampler", "dpm++", "--out", out, "--session", tmp_path / "s", *FAST)
+                       "--sampler", "dpm++", "--cuda-graphs", "on", "--out", out, "--session",
+                       tmp_path / "s", *FAST)
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["delta"]["kind"] == "lora"
-    assert json.loads((out / "manifest.json").read_text())["config"]["sampler"] == "dpm++"
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["sampler"] == "dpm++"
+    assert config["cuda_graphs"] is True  # asked for; a CPU runs the same steps eagerly
     assert (out / "eta1.00_seed0.png").exists()
 
 
@@ -251,6 +254,10 @@ def bad_inputs(tmp_path, photo_path, tiny_model_dir):
         (["edit", "{photo}", "a dog", "--model", "{model}", "--lora-rank", "8"], "--finetune lora"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--low-memory", "--finetune-lr",
           "1e-6"], "--lora-lr"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--low-memory", "--cuda-graphs",
+          "on"], "cuda_graphs does not record gradient checkpointing"),
+        (["edit", "{photo}", "a dog", "--model", "{model}", "--cuda-graphs", "yes"],
+         "invalid choice"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--eta", "-0.5,0.5"],
          "--eta=-0.5,0.5"),
         (["edit", "{photo}", "a dog", "--model", "{model}", "--sample-steps", "2000"],
@@ -270,6 +277,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, bad_i
     before = sorted(tmp_path.rglob("*"))
     one_line_error(capsys, *args, message=message)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, no folder made
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(capsys, monkeypatch):
+    """An out-of-memory error from the model's work ends the command with one line naming
+    the options that need less memory (exit 1: the input was fine, the card too small)."""
+    import imagic.cli
+
+    def edit_on_a_small_card(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 MiB.\nmore")
+
+    monkeypatch.setattr(imagic.cli, "cmd_edit", edit_on_a_small_card)
+    code, _, err = run(capsys, "edit", "photo.png", "a dog")
+    assert code == 1
+    assert err.count("\n") == 1
+    assert err.startswith("imagic: error: the GPU ran out of memory (CUDA out of memory. Tried")
+    assert "--low-memory" in err and "--cuda-graphs off" in err
 
 
 def test_console_script_is_installed():

@@ -232,6 +232,39 @@ def test_cuda_graphs_change_nothing_on_a_cpu_and_refuse_checkpointing(tiny_model
     assert not low_memory(replace(config, cuda_graphs=True)).cuda_graphs
 
 
+def test_fast_records_cuda_graphs_only_where_the_card_has_room(monkeypatch):
+    """`fast` leaves cuda_graphs to the card (None): a recording reserved up to 37.7 GiB on an
+    H100 and ran out of memory on a 24 GB card where eager steps fit, so graphs are recorded
+    where ≥ 40 GiB can be used — the card's free memory, plus what PyTorch holds, within a
+    per-process cap. True and False are obeyed on CUDA; a CPU and checkpointing never record."""
+    import torch
+
+    from imagic.editor import uses_cuda_graphs
+    from imagic.presets import low_memory
+
+    GiB = 2**30
+    card = {"free": 70 * GiB, "total": 80 * GiB, "reserved": 0, "fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (card["free"], card["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: card["reserved"])
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction",
+                        lambda device: card["fraction"], raising=False)
+    fast = get_preset("fast")
+    assert fast.cuda_graphs is None and get_preset("paper").cuda_graphs is False
+    assert not uses_cuda_graphs(fast, "cpu")
+    assert uses_cuda_graphs(fast, "cuda")  # an 80 GB card, 70 GiB free
+    card.update(free=30 * GiB, reserved=12 * GiB)  # what this process already holds counts
+    assert uses_cuda_graphs(fast, "cuda:0")
+    card.update(free=22 * GiB, total=24 * GiB, reserved=0)  # a 24 GB card
+    assert not uses_cuda_graphs(fast, "cuda")
+    assert uses_cuda_graphs(replace(fast, cuda_graphs=True), "cuda")  # asked for: obeyed
+    card.update(free=70 * GiB, total=80 * GiB, fraction=23.5 / 80)  # capped as a 24 GB card
+    assert not uses_cuda_graphs(fast, "cuda")
+    card.update(fraction=1.0)
+    assert not uses_cuda_graphs(replace(fast, cuda_graphs=False), "cuda")
+    assert not uses_cuda_graphs(low_memory(fast), "cuda")
+    assert not uses_cuda_graphs(replace(fast, gradient_checkpointing=True), "cuda")
+
+
 def test_the_loss_is_its_draws_then_the_loss_at_them(tiny_model_dir):
     """`loss` = `loss_at(draw())`: the engine draws (t, ε) apart from the loss so a CUDA graph
     can replay the loss with new draws; one seed gives the same draws and the same loss."""

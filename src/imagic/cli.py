@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--finetune-timesteps-per-step", type=int,
                       help="K for stage 2 only (after --timesteps-per-step)")
     edit.add_argument("--seed", type=int, help="seed of the training draws (stages 1-2)")
+    edit.add_argument("--cuda-graphs", choices=CUDA_GRAPHS,
+                      help="stages 1-2 on a GPU: record each training step once as a CUDA "
+                           "graph and replay it (faster, more memory: on an H100 the fast "
+                           "preset took 38 s instead of 47, reserving 38 GiB instead of 22). "
+                           "auto: where at least 40 GiB can be used (the fast preset); "
+                           "default: the preset's")
     edit.set_defaults(func=cmd_edit)
 
     gen = sub.add_parser(
@@ -289,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------ commands
 
+CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # --cuda-graphs -> EditConfig.cuda_graphs
 CONFIG_FLAGS = {  # CLI attribute -> EditConfig field
     "finetune": "finetune", "lora_rank": "lora_rank", "embed_steps": "embed_steps",
     "embed_lr": "embed_lr", "finetune_steps": "finetune_steps", "finetune_lr": "finetune_lr",
@@ -366,6 +373,8 @@ def cmd_edit(args) -> int:
                  if getattr(args, flag) is not None}
     if args.eta == "auto":
         overrides["etas"] = AUTO_ETAS
+    if args.cuda_graphs is not None:
+        overrides["cuda_graphs"] = CUDA_GRAPHS[args.cuda_graphs]
     if args.timesteps_per_step is not None and args.finetune_timesteps_per_step is None:
         overrides["finetune_timesteps_per_step"] = None  # one K for both stages, as asked
     if args.low_memory and args.finetune == "full":
@@ -626,6 +635,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imagic: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        import torch  # loaded by now: only a model's work runs out of memory
+
+        if not isinstance(err, torch.OutOfMemoryError):
+            raise
+        print(f"imagic: error: the GPU ran out of memory ({str(err).splitlines()[0]}); "
+              "--low-memory needs about half as much, and --cuda-graphs off less than on",
+              file=sys.stderr)
+        return 1
     finally:
         warnings.showwarning = previous
 

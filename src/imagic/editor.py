@@ -49,7 +49,8 @@ def optimize_embedding(
     """Stage 1: e_opt = argmin_e L(x0, e, θ), starting from e_tgt, with θ frozen (paper eq. 2)."""
     generator = torch.Generator("cpu").manual_seed(config.seed)
     e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
-    optimizer = adam(list(e.tensors().values()), lr=config.embed_lr, graphed=config.cuda_graphs)
+    graphed = uses_cuda_graphs(config, backend.device)
+    optimizer = adam(list(e.tensors().values()), lr=config.embed_lr, graphed=graphed)
     # θ is frozen here: `fast` holds it in bf16 on a GPU (less memory; autocast makes the same
     # bf16 weights for convolutions and matmuls, and only the norms' weights are rounded)
     frozen = backend.frozen_in_low_precision() if config.embed_low_precision else nullcontext()
@@ -61,7 +62,7 @@ def optimize_embedding(
             config.embed_steps,
             "stage 1/3 embedding",
             quiet,
-            graphed=config.cuda_graphs,
+            graphed=graphed,
         )
     return e.map(lambda t: t.detach()), losses
 
@@ -96,7 +97,8 @@ def finetune(
         torch.manual_seed(config.seed + offset)
         params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank,
                                               stage=stage)
-    optimizer = adam(params, lr=lr, graphed=config.cuda_graphs)
+    graphed = uses_cuda_graphs(config, backend.device)
+    optimizer = adam(params, lr=lr, graphed=graphed)
     cond = cond.map(lambda t: t.detach())
     label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
@@ -108,7 +110,7 @@ def finetune(
             steps,
             label,
             quiet,
-            graphed=config.cuda_graphs,
+            graphed=graphed,
         )
 
 
@@ -308,6 +310,30 @@ def _checkpointing(backend: Backend, enabled: bool) -> Iterator[None]:
         yield
     finally:
         backend.set_gradient_checkpointing(False)
+
+
+GRAPHS_MIN_GIB = 40  # cuda_graphs None: record only with this much GPU memory to use
+
+
+def uses_cuda_graphs(config: EditConfig, device: torch.device | str) -> bool:
+    """Whether stages 1–2 record their training step as a CUDA graph (training_step.py):
+    `config.cuda_graphs` where it is True or False; where it is None (`fast`), on a CUDA device
+    whose free memory plus what PyTorch already holds there (within any cap set with
+    torch.cuda.set_per_process_memory_fraction) is at least GRAPHS_MIN_GIB. A
+    recording holds its memory in a pool of its own, which blocks cached for other work cannot
+    serve: on an H100 `fast` reserved up to 37.7 GiB with graphs against 21.8 without, and a
+    24 GB card ran out of memory recording stage 2 (docs/PERFORMANCE.md, "CUDA graphs").
+    Never under gradient checkpointing, which a recording does not hold."""
+    device = torch.device(device)
+    if device.type != "cuda" or config.gradient_checkpointing:
+        return False
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    if hasattr(torch.cuda, "get_per_process_memory_fraction"):  # a cap set on this process
+        usable = min(usable, torch.cuda.get_per_process_memory_fraction(device) * total)
+    return usable >= GRAPHS_MIN_GIB * 2**30
 
 
 READBACK_EVERY = 10  # optimizer steps between reading the losses back from the device

@@ -28,7 +28,9 @@ class EditConfig:
     lora_lr: float = 1e-4  # Adam learning rate for the LoRA weights
     gradient_checkpointing: bool = False  # stages 1-2: recompute activations in the backward
     embed_low_precision: bool = False  # stage 1: frozen θ in bf16 on CUDA (fp32 kept on the host)
-    cuda_graphs: bool = False  # stages 1-2 on CUDA: record a training step once, replay it
+    # stages 1-2 on CUDA: record a training step once as a CUDA graph and replay it; None:
+    # where the card has room for it (editor.uses_cuda_graphs)
+    cuda_graphs: bool | None = False
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
     timesteps_per_step: int = 1  # K: (t, ε) draws averaged per optimizer step (paper: 1)
@@ -88,7 +90,10 @@ def check_config(config: EditConfig) -> None:
         raise InputError("start 'inversion' starts every image from the input's own inversion, "
                          "so every seed gives the same picture: give one seed (start 'noise', "
                          "--start noise, samples one picture per seed)")
-    if config.cuda_graphs and config.gradient_checkpointing:
+    if config.cuda_graphs not in (True, False, None):
+        raise InputError(f"cuda_graphs must be True, False or None (auto), got "
+                         f"{config.cuda_graphs!r}")
+    if config.cuda_graphs is True and config.gradient_checkpointing:
         raise InputError("cuda_graphs does not record gradient checkpointing (it recomputes "
                          "the forward pass inside the backward, with the GPU's random state "
                          "saved and restored): turn one of them off")
@@ -124,8 +129,8 @@ PRESETS: dict[str, EditConfig] = {
     # +1.2 ± 0.7 dB, success as often or more; at these K against K = 1: the same success,
     # PSNR −0.2 ± 0.4 dB). Measured on an H100 (benchmarks/gpu_edit.py, SD-1.5 shape,
     # docs/PERFORMANCE.md): 9.1–9.3 ms per stage-1 sample at K = 16, 17–25 ms per stage-2
-    # sample at K = 8 (by machine), 42–52 s per edit against 360 s for `paper` timed over 100 and
-    # 200 steps (≈ 7×); peak 21.19 GiB, in stage 2. Stage 2 stays at K = 8 because its
+    # sample at K = 8 (by machine), 42–52 s per edit against 360–408 s for `paper` timed over
+    # 100 and 200 steps (≈ 7–8.6×) without graphs; peak 21.19 GiB, in stage 2. Stage 2 stays at K = 8 because its
     # activations grow with K beside fp32 weights, gradients and Adam states.
     # Stage 1 holds the frozen θ in bf16 (embed_low_precision): convolutions and matmuls see the
     # same bf16 weights autocast would make, only the weights autocast keeps in fp32 (the norms)
@@ -133,11 +138,15 @@ PRESETS: dict[str, EditConfig] = {
     # 23.48 → 20.30 GiB, its time unchanged (9.18 s).
     # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
     # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
-    # cuda_graphs stays off until an H100 run has measured it (built without a GPU; predicted
-    # ≈ 42 → 33 s per edit, docs/PERFORMANCE.md, "CUDA graphs").
+    # CUDA graphs where the card has room (cuda_graphs None: editor.uses_cuda_graphs). Measured
+    # on an H100 in one run (docs/PERFORMANCE.md, "CUDA graphs"): 47.3 → 38.0 s per edit, stage 2
+    # 34.0 → 24.4 s (its K = 8 step waited on Python's kernel launches), stage 1 at K = 16 not
+    # faster (9.4 → 9.7 s); the same allocated peak (21.3 GiB), but the allocator reserved up to
+    # 37.7 GiB, and run as on a 24 GB card (a 23.5 GiB cap) stage 2's recording ran out of
+    # memory where the eager preset fits. So graphs are recorded only with ≥ 40 GiB to use.
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * math.sqrt(16), timesteps_per_step=16,
-        embed_low_precision=True,
+        embed_low_precision=True, cuda_graphs=None,
         finetune_steps=188, finetune_lr=5e-7 * math.sqrt(8), finetune_timesteps_per_step=8,
         lora_lr=1e-4 * math.sqrt(8), aux_finetune_steps=188, aux_finetune_lr=5e-7 * math.sqrt(8),
     ),
