@@ -130,8 +130,9 @@ PRESETS: dict[str, EditConfig] = {
     # PSNR −0.2 ± 0.4 dB). Measured on an H100 (benchmarks/gpu_edit.py, SD-1.5 shape,
     # docs/PERFORMANCE.md): 9.1–9.3 ms per stage-1 sample at K = 16, 17–25 ms per stage-2
     # sample at K = 8 (by machine), 42–52 s per edit against 360–408 s for `paper` timed over
-    # 100 and 200 steps (≈ 7–8.6×) without graphs; peak 21.19 GiB, in stage 2. Stage 2 stays at K = 8 because its
-    # activations grow with K beside fp32 weights, gradients and Adam states.
+    # 100 and 200 steps (≈ 7–8.6×) without graphs; peak 21.19 GiB, in stage 2. Stage 2 stays
+    # at K = 8 because its activations grow with K beside fp32 weights, gradients and Adam
+    # states.
     # Stage 1 holds the frozen θ in bf16 (embed_low_precision): convolutions and matmuls see the
     # same bf16 weights autocast would make, only the weights autocast keeps in fp32 (the norms)
     # are rounded. Measured against the same preset without it, in one run: stage 1's peak
