@@ -12,20 +12,23 @@ with random weights: speed does not depend on weight values, so nothing is downl
   CUDA, as in ../shared/perf), timed over n and 2n steps per stage after a warm-up (n =
   --reference-steps) and projected to the paper's 1000 + 1500 steps from the difference (the
   JSON says so: `projected`);
-- fast: the `fast` preset (the paper's sample budget in K-timestep batches), run twice: `cold`
+- fast: the `fast` preset (the paper's sample budget in K-timestep batches, with CUDA graphs
+  where ≥ 40 GiB of the card can be used: editor.uses_cuda_graphs), run twice: `cold`
   (the first edit in the process: allocator growth, kernel selection) and `steady` (the second);
 - low-memory: the fast preset with `--low-memory` (stage 2 trains a LoRA adapter with gradient
   checkpointing), once, for its peak memory (the issue's bar: ≤ 12 GiB; the default ≤ 22 GiB);
-- variants (`--variants`, optional, after the rest), each timed once, warm:
-  `fast+graphs` twice (the fast preset with `cuda_graphs`: each training step recorded once as
-  a CUDA graph and replayed, training_step.py), and `lora+graphs+dpm++20` (stage 2 trains a
-  LoRA adapter at the fast preset's K = 8, with CUDA graphs, and the sweep uses DPM-Solver++
-  in 20 steps; its quality is not measured here); last, `fast+graphs+channels_last`: the same
-  as `fast+graphs` with the UNet's weights (and so its activations) in the channels-last memory
-  layout, which cuDNN's tensor-core convolutions prefer (the benchmark converts the model; the
-  engine keeps whatever layout it is given). Earlier runs timed `lora-k16-dpm++20` (the
-  same without graphs at K = 16: 29.2 and 29.4 s), `lora` at K = 8 (49.0 s) and the fast preset
-  with its stage 1 on fp32 weights (42.7 s against 42.4): docs/PERFORMANCE.md.
+- variants (`--variants [NAME ...]`, optional, after the rest; no names: all), each timed once,
+  warm: `fast-eager` (the fast preset without CUDA graphs: what graphs gain, on a card where
+  `fast` records them), `fast+graphs` (with graphs asked for whatever the card: with
+  `--memory-cap`, whether they fit a smaller card) and `lora+dpm++20` (stage 2 trains a LoRA
+  adapter at the fast preset's K = 8, and the sweep uses DPM-Solver++ in 20 steps; graphs as
+  `fast` has them; its quality is not measured here). Earlier runs timed `lora-k16-dpm++20`
+  (29.2 and 29.4 s), `lora` at K = 8 (49.0 s), the fast preset with its stage 1 on fp32 weights
+  (42.7 s against 42.4) and `fast+graphs+channels_last` (41.3 s against 38.0 s for
+  `fast+graphs`: stage 1 slower): docs/PERFORMANCE.md.
+
+`--memory-cap GIB` lets PyTorch's allocator hold at most GIB of the card
+(torch.cuda.set_per_process_memory_fraction), to run as on a smaller card: 23.5 for a 24 GB one.
 
 `--steady-runs N` times the steady edit N times (its spread between runs on one machine);
 `--no-low-memory` leaves the low-memory run out when only the times are wanted.
@@ -195,9 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")
     parser.add_argument("--variants", nargs="*", metavar="NAME",
-                        help="also time these variants; with no names, all: fast+graphs, "
-                             "'fast+graphs (again)', lora+graphs+dpm++20, "
-                             "fast+graphs+channels_last")
+                        help="also time these variants; with no names, all: fast-eager, "
+                             "fast+graphs, lora+dpm++20")
     parser.add_argument("--memory-cap", type=float, metavar="GIB",
                         help="let the allocator hold at most this much of the card "
                              "(torch.cuda.set_per_process_memory_fraction), to run as on a "
@@ -289,8 +291,6 @@ def main(argv=None) -> int:
         for name, config in variants(fast_config).items():
             if args.variants and name not in args.variants:
                 continue
-            if name.endswith("channels_last"):  # the last one: the model stays converted
-                backend.unet.to(memory_format=torch.channels_last)
             run = measure(backend, config, image)
             run["speedup"] = round(projected["total_s"] / run["total_s"], 2)
             result["variants"][name] = run
@@ -303,14 +303,11 @@ def main(argv=None) -> int:
 
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:
-    """Candidates for a faster preset (`--variants`): the fast preset with CUDA graphs (twice,
-    for its spread against the fast runs above); with graphs, stage 2 as a LoRA adapter (no
-    checkpointing) and DPM-Solver++ 20 as well; and `fast+graphs` again once `main` has put
-    the UNet in the channels-last layout."""
-    graphs = replace(fast, cuda_graphs=True)
-    lora = replace(graphs, finetune="lora", sampler="dpm++", sample_steps=20)
-    return {"fast+graphs": graphs, "fast+graphs (again)": graphs, "lora+graphs+dpm++20": lora,
-            "fast+graphs+channels_last": graphs}
+    """Candidates beside the fast preset (`--variants`): without CUDA graphs, with them
+    whatever the card, and stage 2 as a LoRA adapter (no checkpointing) with DPM-Solver++ 20."""
+    return {"fast-eager": replace(fast, cuda_graphs=False),
+            "fast+graphs": replace(fast, cuda_graphs=True),
+            "lora+dpm++20": replace(fast, finetune="lora", sampler="dpm++", sample_steps=20)}
 
 
 def print_table(r: dict) -> None:

@@ -98,15 +98,19 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_writes_json(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
         bench.main(["--tiny", "--device", "cpu", "--steady-runs", "0", "--no-low-memory"])
     assert exit_info.value.code == 2
-    assert list(r["variants"]) == ["fast+graphs", "fast+graphs (again)", "lora+graphs+dpm++20",
-                                   "fast+graphs+channels_last"]
-    lora = r["variants"]["lora+graphs+dpm++20"]
+    assert list(r["variants"]) == ["fast-eager", "fast+graphs", "lora+dpm++20"]
+    lora = r["variants"]["lora+dpm++20"]
     assert lora["finetune"] == "lora" and not lora["gradient_checkpointing"]
     assert lora["stage2_samples"] == r["fast"]["steady"]["stage2_samples"]  # the same budget
     for run in r["variants"].values():  # the same work as `fast`; on a CPU no graph is recorded
         assert run["stage1_samples"] == r["fast"]["steady"]["stage1_samples"]
         assert not run["cuda_graphs"]
     assert not r["fast"]["steady"]["stage1_low_precision_unet"]
+    assert r["memory_cap_gib"] is None
+    for bad in (["--variants", "fast+nope"], ["--memory-cap", "23.5"]):  # no CUDA device here
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--tiny", "--device", "cpu", *bad])
+        assert exit_info.value.code == 2
 
 
 def _fp32_unet(backend):
