@@ -119,7 +119,9 @@ class GraphedStep(EagerStep):
         self.inputs = tuple(x.clone() for x in inputs)
         # The recorded backward must write the gradients, not add to them. They and the
         # activations live in the graph's own memory pool; torch.cuda.graph first gives the
-        # allocator's cached blocks back (the warm-up's), so a 24 GB card does not hold both.
+        # allocator's cached blocks back (the warm-up's). That is not enough for a 24 GB card:
+        # under a 23.5 GiB cap stage 2's recording ran out of memory, on fragmentation
+        # (docs/PERFORMANCE.md, "CUDA graphs"), hence editor.uses_cuda_graphs.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         previous = torch.cuda.current_stream()
