@@ -1,50 +1,45 @@
 """One Imagic edit, timed per stage: the way existing implementations run it against imagic's
-fast preset, in ONE process, through the same engine the CLI uses.
+`fast` preset, in ONE process, through the same engine the CLI uses. The project's one GPU
+benchmark; docs/PERFORMANCE.md has its results and how they were run.
 
-    python benchmarks/gpu_edit.py --out docs/perf/gpu_edit-h100.json     # SD-1.5 shape, on CUDA
-    python benchmarks/gpu_edit.py --tiny --out /tmp/gpu_edit-tiny.json   # a small UNet, any CPU
+    pytest tests/test_gpu.py                                   # first: the CUDA-only tests
+    python benchmarks/gpu_edit.py --reference-steps 100 --variants --out gpu_edit.json
+    python benchmarks/gpu_edit.py --memory-cap 23.5 --reference-steps 5 --no-low-memory \
+        --variants fast+graphs --out gpu_edit-cap23.5.json     # as on a 24 GB card
+    python benchmarks/gpu_edit.py --tiny --device cpu --out /tmp/gpu_edit-tiny.json   # any CPU
 
 The model has the Stable Diffusion 1.5 architecture (UNet 860M, VAE, CLIP ViT-L text encoder)
 with random weights: speed does not depend on weight values, so nothing is downloaded.
 
 - reference: the `paper` preset as published implementations run it (eager, one timestep per
-  optimizer step, fp32 weights with bf16 autocast, Adam; the engine's Adam is the fused kernel on
-  CUDA, as in ../shared/perf), timed over n and 2n steps per stage after a warm-up (n =
-  --reference-steps) and projected to the paper's 1000 + 1500 steps from the difference (the
-  JSON says so: `projected`);
-- fast: the `fast` preset (the paper's sample budget in K-timestep batches, with CUDA graphs
-  where ≥ 40 GiB of the card can be used: editor.uses_cuda_graphs), run twice: `cold`
-  (the first edit in the process: allocator growth, kernel selection) and `steady` (the second);
-- low-memory: the fast preset with `--low-memory` (stage 2 trains a LoRA adapter with gradient
-  checkpointing), once, for its peak memory (the issue's bar: ≤ 12 GiB; the default ≤ 22 GiB);
-- variants (`--variants [NAME ...]`, optional, after the rest; no names: all), each timed once,
-  warm: `fast-eager` (the fast preset without CUDA graphs: what graphs gain, on a card where
-  `fast` records them), `fast+graphs` (with graphs asked for whatever the card: with
-  `--memory-cap`, whether they fit a smaller card) and `lora+dpm++20` (stage 2 trains a LoRA
-  adapter at the fast preset's K = 8, and the sweep uses DPM-Solver++ in 20 steps; graphs as
-  `fast` has them; its quality is not measured here). Earlier runs timed `lora-k16-dpm++20`
-  (29.2 and 29.4 s), `lora` at K = 8 (49.0 s), the fast preset with its stage 1 on fp32 weights
-  (42.7 s against 42.4) and `fast+graphs+channels_last` (41.3 s against 38.0 s for
-  `fast+graphs`: stage 1 slower): docs/PERFORMANCE.md.
+  optimizer step, fp32 weights with bf16 autocast, Adam), timed over n and 2n steps per stage
+  after a warm-up (n = --reference-steps) and projected to the paper's 1000 + 1500 steps from
+  the difference (the JSON says so: `projected`);
+- fast: the `fast` preset, run twice: `cold` (the first edit in the process: allocator growth,
+  kernel selection) and `steady` (the second);
+- low-memory: the fast preset with `--low-memory`, once, for its peak memory;
+- variants (`--variants [NAME ...]`; no names: all), each timed once, warm: `fast-eager`
+  (without CUDA graphs), `fast+graphs` (graphs asked for whatever the card) and `lora+dpm++20`
+  (a LoRA stage 2 at the same K, and the sweep in 20 DPM-Solver++ steps).
 
-`--memory-cap GIB` lets PyTorch's allocator hold at most GIB of the card
-(torch.cuda.set_per_process_memory_fraction), to run as on a smaller card: 23.5 for a 24 GB one.
-
-`--steady-runs N` times the steady edit N times (its spread between runs on one machine);
-`--no-low-memory` leaves the low-memory run out when only the times are wanted.
+`--memory-cap GIB` lets PyTorch's allocator hold at most GIB of the card, to run as on a smaller
+card. The JSON records the commit, the device, the library versions and PYTORCH_CUDA_ALLOC_CONF,
+and is written after every run; the benchmark checks it is complete before it ends
+(`check_report`), and exits 1 if not.
 
 Each run ends with the η sweep of 8 images (one seed) in one batched call. Peak memory is
-torch.cuda.max_memory_allocated per run on CUDA (and per stage, as the engine records it, with
-max_memory_reserved beside it: what the allocator held from the card); on the CPU, the
-process's peak RSS so far.
+torch.cuda.max_memory_allocated per run on CUDA (and per stage, with max_memory_reserved
+beside it: what the allocator held from the card); on the CPU, the process's peak RSS so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -131,7 +126,8 @@ def photo(size: int) -> Image.Image:
 def measure(backend, config, image) -> dict:
     """Stages 1–2 and the η sweep once; seconds per stage (the engine's own timings, which end
     on a device sync: each stage's last step reads the losses back) and peak memory."""
-    from imagic.editor import Imagic, uses_cuda_graphs
+    from imagic.editor import Imagic
+    from imagic.training import uses_cuda_graphs
 
     cuda = backend.device.type == "cuda"
     if cuda:
@@ -247,6 +243,8 @@ def main(argv=None) -> int:
         "resolution": backend.resolution,
         "parameters": backend.parameter_counts(),
         "versions": {"imagic": __version__, **library_versions()},
+        "commit": commit(),
+        "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_cap_gib": args.memory_cap,
     }
 
@@ -299,7 +297,51 @@ def main(argv=None) -> int:
     print_table(result)
     if args.out:
         print(f"wrote {args.out}")
-    return 0
+    problems = check_report(result, low_memory=not args.no_low_memory,
+                            variants=None if args.variants is None
+                            else (args.variants or list(known)))
+    for problem in problems:
+        print(f"incomplete report: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+RUN_FIELDS = ("stage1_s", "stage2_s", "generate_s", "total_s", "stage1_steps", "stage2_steps",
+              "stage1_samples", "stage2_samples", "images", "peak_memory_gib", "cuda_graphs")
+
+
+def check_report(r: dict, low_memory: bool = True, variants=None) -> list[str]:
+    """What a report lacks or gets wrong, as lines (none: complete): every run asked for, each
+    with its times, work and memory, and a projection consistent with the reference runs."""
+    problems = [f"no {key}" for key in ("device", "versions", "commit", "reference", "fast")
+                if key not in r]
+    if problems:
+        return problems
+    runs = {"reference short": r["reference"]["measured"][0],
+            "reference long": r["reference"]["measured"][-1]}
+    runs |= {f"fast {name}": r["fast"].get(name)
+             for name in ("cold", "steady", *(["low_memory"] if low_memory else []))}
+    runs |= {f"variant {name}": r.get("variants", {}).get(name) for name in variants or ()}
+    for name, run in runs.items():
+        if not isinstance(run, dict):
+            problems.append(f"{name} was not run")
+            continue
+        problems += [f"{name}: no {key}" for key in RUN_FIELDS if key not in run]
+        problems += [f"{name}: {key} is not positive" for key in ("total_s", "images")
+                     if not run.get(key, 0) > 0]
+    if not problems:
+        projected = project(runs["reference short"], runs["reference long"])
+        if projected != r["reference"]["projected"]:
+            problems.append("the projection does not follow from the reference runs")
+    return problems
+
+
+def commit() -> str:
+    """The repository's commit, when the benchmark runs from a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:

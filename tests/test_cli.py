@@ -48,7 +48,7 @@ def test_generate_reloads_the_sessions_model_as_it_was_loaded(tmp_path, tiny_mod
 
 
 def test_edit_ends_with_each_stages_time_and_the_gpu_peak():
-    from imagic.cli import time_and_memory
+    from imagic.outputs import time_and_memory
 
     cpu = {"encode_s": 0.1, "stage1_s": 9.16, "stage2_s": 29.17, "generate_s": 3.89}
     assert time_and_memory(cpu) == "time: stage 1 9.2 s, stage 2 29.2 s, stage 3 3.9 s"
@@ -282,12 +282,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, bad_i
 def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(capsys, monkeypatch):
     """An out-of-memory error from the model's work ends the command with one line naming
     the options that need less memory (exit 1: the input was fine, the card too small)."""
-    import imagic.cli
+    import imagic.cli.edit
 
     def edit_on_a_small_card(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 MiB.\nmore")
 
-    monkeypatch.setattr(imagic.cli, "cmd_edit", edit_on_a_small_card)
+    monkeypatch.setattr(imagic.cli.edit, "cmd_edit", edit_on_a_small_card)
     code, _, err = run(capsys, "edit", "photo.png", "a dog")
     assert code == 1
     assert err.count("\n") == 1

@@ -339,14 +339,14 @@ def test_lora_edits_are_reproducible_from_the_seed(backend):
 
 
 def test_optimize_returns_every_loss_in_order_whatever_the_step_count():
-    """Losses are read back from the device in groups (editor.READBACK_EVERY); every step's loss
+    """Losses are read back from the device in groups (training.READBACK_EVERY); every step's loss
     still comes back, in order, including a last partial group."""
-    from imagic.editor import READBACK_EVERY, _optimize
+    from imagic.training import READBACK_EVERY, optimize
 
     for steps in (0, 7, READBACK_EVERY, 23):
         w = torch.nn.Parameter(torch.tensor([3.0]))
         optimizer = torch.optim.SGD([w], lr=0.1)  # w ← w − 0.1·2w = 0.8·w, so loss_k = 9·0.64^k
-        losses = _optimize(lambda: (), lambda w=w: (w**2).sum(), optimizer, steps, "test",
+        losses = optimize(lambda: (), lambda w=w: (w**2).sum(), optimizer, steps, "test",
                            quiet=True)
         assert losses == pytest.approx([9 * 0.64**k for k in range(steps)])
         assert all(isinstance(x, float) for x in losses)

@@ -90,7 +90,7 @@ def test_cuda_graphs_replay_the_steps_an_eager_run_takes(tiny_model_dir, finetun
     """`cuda_graphs`: WARMUP_STEPS eager steps per stage, then one recorded step replayed for
     the rest, on the same draws: the losses and trained weights of the eager run, up to the
     kernels' rounding; θ exactly back after."""
-    from imagic.training_step import WARMUP_STEPS
+    from imagic.training import WARMUP_STEPS
 
     backend = load_backend(str(tiny_model_dir), device="cuda")
     before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
@@ -149,9 +149,9 @@ def test_a_failed_recording_warns_and_no_later_stage_records(tiny_model_dir, mon
     """If a recording itself fails (here: the loss raises only while being recorded), the stage
     warns and goes on eagerly on the default stream, and no later stage in the process records
     (after a real failure PyTorch's allocator may be left mid-recording)."""
-    from imagic import training_step
+    from imagic import training
 
-    monkeypatch.setattr(training_step, "_recording_failed", False)
+    monkeypatch.setattr(training, "_recording_failed", False)
     backend = load_backend(str(tiny_model_dir), device="cuda")
     loss_at = backend.loss_at
 
@@ -164,7 +164,7 @@ def test_a_failed_recording_warns_and_no_later_stage_records(tiny_model_dir, mon
     config = replace(EditConfig(), embed_steps=6, finetune_steps=6, sample_steps=3, etas=(1.0,),
                      timesteps_per_step=2, cuda_graphs=True)
     session, calls, caught = _fit_counting_losses(backend, config)
-    assert training_step._recording_failed
+    assert training._recording_failed
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert calls == (6 + 1) + 6  # stage 1: every step and the failed recording; stage 2: eager
     assert [m for m in caught if "cannot be recorded as a CUDA graph" in m] == [

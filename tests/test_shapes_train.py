@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from imagic.errors import InputError
 from imagic.shapes import COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES, VOCABULARY
 from imagic.shapes.model import ModelConfig, build_model, longest_caption_tokens, parameter_count
-from imagic.shapes.train import ShapesStream, TrainConfig, Trainer, add_cli, train
+from imagic.cli.shapes import register as add_cli
+from imagic.shapes.train import ShapesStream, TrainConfig, Trainer, train
 
 TINY = ModelConfig(block_out_channels=(8, 16, 16), norm_num_groups=4, attention_head_dim=2,
                    text_hidden_size=16, text_heads=2)
@@ -140,7 +141,7 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(straight_run, tm
 
 def test_accuracy_report_on_a_handful_of_samples(straight_run, tmp_path):
     from imagic.shapes.evaluate import markdown_table, text_to_image_accuracy
-    from imagic.shapes.train import cmd_eval_shapes
+    from imagic.cli.shapes import cmd_eval_shapes
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
@@ -189,8 +190,9 @@ def test_min_snr_weighting_scales_each_samples_loss_by_min_snr_gamma_over_snr(tm
 
 
 def test_defaults_are_the_shipped_models_recipe_and_snr_gamma_0_turns_it_off(monkeypatch):
-    """Min-SNR-5 and lr 1e-3 at batch 256 made the shipped model (docs/models/shapes.md, run 5);
+    """Min-SNR-5 and lr 1e-3 at batch 256 made the shipped model (docs/models/shapes.md);
     other batch sizes get the learning rate scaled by √(batch / 256)."""
+    from imagic.cli import main
     from imagic.shapes import train as train_module
 
     assert TrainConfig().snr_gamma == 5.0
@@ -199,9 +201,9 @@ def test_defaults_are_the_shipped_models_recipe_and_snr_gamma_0_turns_it_off(mon
     assert Trainer(tiny_config("unused", lr=2e-4)).lr == 2e-4
     seen = {}
     monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
-    assert train_module.main(["train-shapes", "--out", "x"]) == 0
+    assert main(["train-shapes", "--out", "x"]) == 0
     assert seen.pop("config").snr_gamma == 5.0
-    assert train_module.main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 0
+    assert main(["train-shapes", "--out", "x", "--snr-gamma", "0"]) == 0
     assert seen.pop("config").snr_gamma is None
 
 

@@ -21,9 +21,11 @@ everything model-specific is behind the `Backend` protocol (backends/base.py).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,9 +34,10 @@ from tqdm.auto import tqdm
 
 from .backends.base import Backend, TextCond
 from .errors import InputError
+from .images import to_square, upright_rgb
 from .presets import EditConfig, get_preset
 from .session import EditSession
-from .training_step import adam, make_step
+from .training import measured, train
 
 # --------------------------------------------------------------------------- the three stages
 
@@ -49,20 +52,15 @@ def optimize_embedding(
     """Stage 1: e_opt = argmin_e L(x0, e, θ), starting from e_tgt, with θ frozen (paper eq. 2)."""
     generator = torch.Generator("cpu").manual_seed(config.seed)
     e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
-    graphed = uses_cuda_graphs(config, backend.device)
-    optimizer = adam(list(e.tensors().values()), lr=config.embed_lr, graphed=graphed)
     # θ is frozen here: `fast` holds it in bf16 on a GPU (less memory; autocast makes the same
     # bf16 weights for convolutions and matmuls, and only the norms' weights are rounded)
     frozen = backend.frozen_in_low_precision() if config.embed_low_precision else nullcontext()
-    with _checkpointing(backend, config.gradient_checkpointing), frozen:
-        losses = _optimize(
-            lambda: backend.draw(x0, generator, batch=config.timesteps_per_step),  # (t, ε)
-            lambda t, noise: backend.loss_at(x0, e, t, noise),  # L(x0, e, θ) at those draws
-            optimizer,
-            config.embed_steps,
-            "stage 1/3 embedding",
-            quiet,
-            graphed=graphed,
+    with frozen:
+        losses = train(
+            backend, config, list(e.tensors().values()), config.embed_lr,
+            draw=lambda: backend.draw(x0, generator, batch=config.timesteps_per_step),  # (t, ε)
+            loss_at=lambda t, noise: backend.loss_at(x0, e, t, noise),  # L(x0, e, θ) there
+            steps=config.embed_steps, label="stage 1/3 embedding", quiet=quiet,
         )
     return e.map(lambda t: t.detach()), losses
 
@@ -97,21 +95,15 @@ def finetune(
         torch.manual_seed(config.seed + offset)
         params = backend.trainable_parameters(config.finetune, lora_rank=config.lora_rank,
                                               stage=stage)
-    graphed = uses_cuda_graphs(config, backend.device)
-    optimizer = adam(params, lr=lr, graphed=graphed)
     cond = cond.map(lambda t: t.detach())
-    label = "stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}"
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
-    with _checkpointing(backend, config.gradient_checkpointing):
-        return _optimize(
-            lambda: backend.draw(x0, generator, batch=k),  # (t, ε)
-            lambda t, noise: backend.loss_at(x0, cond, t, noise, stage=stage),  # L(x0, e, θ)
-            optimizer,
-            steps,
-            label,
-            quiet,
-            graphed=graphed,
-        )
+    return train(
+        backend, config, params, lr,
+        draw=lambda: backend.draw(x0, generator, batch=k),  # (t, ε)
+        loss_at=lambda t, noise: backend.loss_at(x0, cond, t, noise, stage=stage),  # L(x0, e, θ)
+        steps=steps, label="stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}",
+        quiet=quiet,
+    )
 
 
 def interpolate(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
@@ -205,9 +197,6 @@ class Imagic:
         self, image: Image.Image, text: str, image_sha256: str | None = None, pad: bool = False
     ) -> EditSession:
         """Stages 1 and 2 on `image` for the target `text`; returns everything stage 3 needs."""
-        # local: keeps this module's imports to the algorithm
-        from .images import to_square, upright_rgb
-
         # 1. Check inputs
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
@@ -215,15 +204,15 @@ class Imagic:
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(upright_rgb(image), backend.resolution, pad=pad)
         timings: dict[str, float] = {}
-        with _measured(timings, "encode", backend.device):
+        with measured(timings, "encode", backend.device):
             x0 = backend.encode_image(square)
             e_tgt = backend.encode_text([text])
         # 3. Stage 1: optimize the text embedding (θ frozen)
-        with _measured(timings, "stage1", backend.device):
+        with measured(timings, "stage1", backend.device):
             e_opt, losses1 = optimize_embedding(backend, x0, e_tgt, config, self.quiet)
         # 4. Stage 2: fine-tune the model on e_opt; cascades also fine-tune their
         #    super-resolution stages on e_tgt. take_delta() restores the base model.
-        with _measured(timings, "stage2", backend.device):
+        with measured(timings, "stage2", backend.device):
             try:
                 losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
                 for stage in backend.auxiliary_stages:
@@ -258,7 +247,7 @@ class Imagic:
         start: str | None = None,
     ) -> list[EditImage]:
         """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
-        with _measured(session.timings, "generate", self.backend.device):
+        with measured(session.timings, "generate", self.backend.device):
             images = generate(
                 self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
                 sampler=sampler, start=start,
@@ -272,101 +261,9 @@ class Imagic:
 def _discard_finetune(backend: Backend) -> None:
     """After a stage 2 that failed part way: remove its adapter or put θ back, so the loaded
     model is the base model again (take_delta does both; its delta is dropped)."""
-    import contextlib
-
     # it fails only when stage 2 failed before it changed anything: nothing to undo then
     with contextlib.suppress(Exception):
         backend.take_delta()
-
-
-@contextmanager
-def _measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
-    """Record a step's seconds as timings[name_s] and, on a GPU, its peak memory as
-    timings[name_peak_gib] (torch.cuda.max_memory_allocated: tensors, not the allocator's
-    cache) and timings[name_reserved_gib] (max_memory_reserved: what the allocator held from
-    the card, cache included). Every stage ends by reading a result back, so the clock stops
-    after the GPU."""
-    cuda = torch.device(device).type == "cuda"
-    for kind in ("peak", "reserved"):  # a loaded session's figures are not this run's
-        timings.pop(f"{name}_{kind}_gib", None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    yield
-    timings[f"{name}_s"] = time.perf_counter() - start
-    if cuda:
-        timings[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        timings[f"{name}_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-
-
-@contextmanager
-def _checkpointing(backend: Backend, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing for one stage's optimization, when the config asks for it."""
-    if not enabled:
-        yield
-        return
-    backend.set_gradient_checkpointing(True)
-    try:
-        yield
-    finally:
-        backend.set_gradient_checkpointing(False)
-
-
-GRAPHS_MIN_GIB = 40  # cuda_graphs None: record only with this much GPU memory to use
-
-
-def uses_cuda_graphs(config: EditConfig, device: torch.device | str) -> bool:
-    """Whether stages 1–2 record their training step as a CUDA graph (training_step.py):
-    `config.cuda_graphs` where it is True or False; where it is None (`fast`), on a CUDA device
-    whose free memory plus what PyTorch already holds there (within any cap set with
-    torch.cuda.set_per_process_memory_fraction) is at least GRAPHS_MIN_GIB. A
-    recording holds its memory in a pool of its own, which blocks cached for other work cannot
-    serve: on an H100 `fast` reserved up to 37.7 GiB with graphs against 21.8 without, and a
-    24 GB card ran out of memory recording stage 2 (docs/PERFORMANCE.md, "CUDA graphs").
-    Never under gradient checkpointing, which a recording does not hold."""
-    device = torch.device(device)
-    if device.type != "cuda" or config.gradient_checkpointing:
-        return False
-    if config.cuda_graphs is not None:
-        return config.cuda_graphs
-    free, total = torch.cuda.mem_get_info(device)
-    usable = free + torch.cuda.memory_reserved(device)
-    if hasattr(torch.cuda, "get_per_process_memory_fraction"):  # a cap set on this process
-        usable = min(usable, torch.cuda.get_per_process_memory_fraction(device) * total)
-    return usable >= GRAPHS_MIN_GIB * 2**30
-
-
-READBACK_EVERY = 10  # optimizer steps between reading the losses back from the device
-
-
-def _optimize(draw, loss_fn, optimizer, steps: int, label: str, quiet: bool,
-              graphed: bool = False) -> list[float]:
-    """Plain Adam loop with a progress bar showing a running mean of the loss: each step draws
-    (t, ε) with `draw()` and minimizes `loss_fn(t, ε)`.
-
-    With `graphed` on a GPU the step (forward, backward, Adam) is recorded once as a CUDA graph
-    and replayed (training_step.py): the same steps on the same draws, without launching
-    thousands of kernels from Python each time. The losses stay on the device and are read back
-    every READBACK_EVERY steps: reading one (`.item()`) waits for the GPU to finish, which would
-    stop the CPU from queueing the next step's kernels while the current ones run.
-    """
-    losses: list[float] = []
-    pending: list[torch.Tensor] = []
-    bar = tqdm(range(steps), desc=label, disable=quiet, leave=True)
-    running = None
-    step_fn = make_step(loss_fn, optimizer, graphed, label)
-    try:
-        for step in bar:
-            pending.append(step_fn(*draw()))
-            if len(pending) == READBACK_EVERY or step == steps - 1:
-                for value in torch.stack(pending).tolist():
-                    losses.append(value)
-                    running = value if running is None else 0.95 * running + 0.05 * value
-                pending.clear()
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    finally:
-        step_fn.close()  # the gradients (and a recording's memory) are not needed after it
-    return losses
 
 
 def check_sample_steps(backend: Backend, steps: int) -> None:
@@ -378,12 +275,8 @@ def check_sample_steps(backend: Backend, steps: int) -> None:
 
 
 def check_text(backend: Backend, text: str) -> str:
-    """Empty text is an error; a text longer than the encoder reads is cut, with a warning."""
-    import warnings
-
-    text = " ".join(text.split())
-    if not text:
-        raise InputError("the target text is empty: say what the edited image should show")
+    """`clean_text`, and a warning when the text is longer than the encoder reads (it is cut)."""
+    text = clean_text(text)
     tokens = backend.count_text_tokens(text)
     if tokens > backend.max_text_tokens:
         warnings.warn(
@@ -394,14 +287,19 @@ def check_text(backend: Backend, text: str) -> str:
     return text
 
 
+def clean_text(text: str) -> str:
+    """The target text with its whitespace collapsed; an empty one is refused (it needs no
+    model, so the CLI calls it before loading one)."""
+    text = " ".join(text.split())
+    if not text:
+        raise InputError("the target text is empty: say what the edited image should show")
+    return text
+
+
 def image_for_stage(image: Image.Image, backend, stage: str, pad: bool) -> Image.Image:
     """The input at the resolution of a cascade's stage (its `stage_resolution`)."""
-    from .images import to_square
-
     return to_square(image.convert("RGB"), backend.stage_resolution(stage), pad=pad)
 
 
 def image_hash(image: Image.Image) -> str:
-    import hashlib
-
     return hashlib.sha256(image.tobytes()).hexdigest()

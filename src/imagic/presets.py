@@ -1,7 +1,7 @@
-"""Named edit configurations. Every number says where it comes from.
+"""The recipe of an edit (`EditConfig`), its checks, and the named presets.
 
-A preset is a frozen `EditConfig`; the CLI and the API override single fields with
-`dataclasses.replace(config, field=value)`.
+A preset is a frozen `EditConfig`. `EditConfig.with_options` applies a user's options to one,
+checking every field and every combination: the CLI, the UI and the API all go through it.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from .auto_eta import AUTO_ETAS
 from .errors import InputError
 
 SAMPLERS = ("ddim", "dpm++")  # stage 3's solvers (backends/diffusers_unet.make_sampler)
 STARTS = ("noise", "inversion")  # where stage 3's sampling starts (EditConfig.start)
+CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # option value -> EditConfig.cuda_graphs
+MAX_SEED = 2**63 - 1  # torch generators take seeds up to this
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class EditConfig:
     gradient_checkpointing: bool = False  # stages 1-2: recompute activations in the backward
     embed_low_precision: bool = False  # stage 1: frozen θ in bf16 on CUDA (fp32 kept on the host)
     # stages 1-2 on CUDA: record a training step once as a CUDA graph and replay it; None:
-    # where the card has room for it (editor.uses_cuda_graphs)
+    # where the card has room for it (training.uses_cuda_graphs)
     cuda_graphs: bool | None = False
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
@@ -53,6 +56,44 @@ class EditConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_options(self, *, low_memory: bool = False, **options) -> EditConfig:
+        """This recipe with a user's options applied; an option given as None keeps the recipe's
+        value. Options are EditConfig fields, with three conveniences: `etas="auto"` (the
+        auto-η sweep), `cuda_graphs` "auto"/"on"/"off", and `low_memory` (a LoRA stage 2 with
+        gradient checkpointing, `presets.low_memory`). Beyond each field's check, it refuses
+        options that contradict each other or do nothing, and resolves two defaults:
+        `timesteps_per_step` alone sets both stages' K, and with start "inversion" and no seeds
+        given, only the recipe's first seed is kept (every seed would give the same picture)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown EditConfig option(s): {', '.join(unknown)}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if given.get("etas") == "auto":
+            given["etas"] = AUTO_ETAS
+        if given.get("cuda_graphs") in CUDA_GRAPHS:
+            given["cuda_graphs"] = CUDA_GRAPHS[given["cuda_graphs"]]
+        for key in ("etas", "seeds"):
+            if key in given:
+                given[key] = tuple(given[key])
+        if "timesteps_per_step" in given and "finetune_timesteps_per_step" not in given:
+            given["finetune_timesteps_per_step"] = None  # one K for both stages, as asked
+        if low_memory and given.get("finetune") == "full":
+            raise InputError("--low-memory trains a LoRA adapter: drop --finetune full")
+        lora = low_memory or given.get("finetune", self.finetune) == "lora"
+        if not lora and ("lora_rank" in given or "lora_lr" in given):
+            raise InputError("--lora-rank and --lora-lr set a LoRA stage 2: add --finetune lora "
+                             "(or --low-memory), or drop them")
+        if lora and "finetune_lr" in given:
+            raise InputError("--finetune-lr is the full fine-tune's rate; a LoRA stage 2 uses "
+                             "--lora-lr")
+        # --low-memory: see `low_memory` below
+        base = (replace(self, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
+                if low_memory else self)
+        if "seeds" not in given and given.get("start", base.start) == "inversion":
+            given["seeds"] = base.seeds[:1]
+        return replace(base, **given)
 
     @classmethod
     def from_dict(cls, data: dict) -> EditConfig:
@@ -106,75 +147,37 @@ def check_config(config: EditConfig) -> None:
             raise InputError(f"η must lie in [-1, 2], got {eta:g}")
     if not config.seeds:
         raise InputError("give at least one seed")
+    for seed in config.seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seeds must be between 0 and 2^63 - 1, got {seed}")
     if config.guidance < 0:
         raise InputError(f"guidance must be 0 or more, got {config.guidance:g}")
 
 
 PRESETS: dict[str, EditConfig] = {
-    # The paper's Stable Diffusion recipe (Kawar et al. 2023, §4 and the appendix on the
-    # Stable Diffusion implementation): Adam, stage 1 1000 steps at lr 2e-3, stage 2 1500 steps at
-    # lr 5e-7, one timestep per step; classifier-free guidance 7.5 and 50 DDIM steps (the SD
-    # defaults the paper kept); η 0.6–0.8, the range the paper found best for most edits (§4.3).
-    # lora_lr 1e-4 and rank 4 are the diffusers LoRA training scripts' defaults, not the paper's:
-    # the paper fine-tunes every weight.
+    # The paper's Stable Diffusion recipe (Kawar et al. 2023, §4 and its appendix): Adam, stage 1
+    # 1000 steps at lr 2e-3, stage 2 1500 steps at lr 5e-7, one timestep per step; guidance 7.5
+    # and 50 DDIM steps; η 0.6–0.8, the range the paper found best for most edits (§4.3). The
+    # LoRA rank and rate are the diffusers LoRA training scripts' defaults: the paper fine-tunes
+    # every weight.
     "paper": EditConfig(),
-    # The paper's sample budget (1000 samples in stage 1, 1500 in stage 2) in fewer, larger
-    # optimizer steps: K timesteps per step, as one batch, with every learning rate × √K: the
-    # learning-rate part of the square-root scaling rule for Adam (Malladi et al., "On the SDEs
-    # and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022: a batch κ times larger
-    # takes lr × √κ; the rule also rescales Adam's β and ε, which stay at their defaults here,
-    # and its derivation needs κ·(1 − β1) < 1, which K = 16 is not).
-    # Measured on ShapesBench with the embedded model (docs/RESULTS.md, "Batched timesteps"):
-    # lr × √K keeps the background closer to the input than lr × K (SSIM +0.10 ± 0.03, PSNR
-    # +1.2 ± 0.7 dB, success as often or more; at these K against K = 1: the same success,
-    # PSNR −0.2 ± 0.4 dB). Measured on an H100 (benchmarks/gpu_edit.py, SD-1.5 shape,
-    # docs/PERFORMANCE.md): 9.1–9.3 ms per stage-1 sample at K = 16, 17–25 ms per stage-2
-    # sample at K = 8 (by machine), 42–52 s per edit against 360–408 s for `paper` timed over
-    # 100 and 200 steps (≈ 7–8.6×) without graphs; peak 21.19 GiB, in stage 2. Stage 2 stays
-    # at K = 8 because its activations grow with K beside fp32 weights, gradients and Adam
-    # states.
-    # Stage 1 holds the frozen θ in bf16 (embed_low_precision): convolutions and matmuls see the
-    # same bf16 weights autocast would make, only the weights autocast keeps in fp32 (the norms)
-    # are rounded. Measured against the same preset without it, in one run: stage 1's peak
-    # 23.48 → 20.30 GiB, its time unchanged (9.18 s).
-    # Sampling stays the paper's 50 DDIM steps: DPM-Solver++ in 20 was not clearly at parity on
-    # ShapesBench with these rates (docs/RESULTS.md, "Batched timesteps").
-    # CUDA graphs where the card has room (cuda_graphs None: editor.uses_cuda_graphs). Measured
-    # on an H100 in one run (docs/PERFORMANCE.md, "CUDA graphs"): 47.3 → 38.0 s per edit, stage 2
-    # 34.0 → 24.4 s (its K = 8 step waited on Python's kernel launches), stage 1 at K = 16 not
-    # faster (9.4 → 9.7 s); the same allocated peak (21.3 GiB), but the allocator reserved up to
-    # 37.7 GiB, and run as on a 24 GB card (a 23.5 GiB cap) stage 2's recording ran out of
-    # memory where the eager preset fits. So graphs are recorded only with ≥ 40 GiB to use.
+    # The paper's sample budget (1000 + 1500 samples) in fewer, larger steps: K timesteps per
+    # step with each rate × √K, the square-root scaling rule for Adam (Malladi et al., NeurIPS
+    # 2022), which kept the background closer than × K on ShapesBench (docs/RESULTS.md). Stage 2
+    # stays at K = 8: its activations grow with K beside fp32 weights, gradients and Adam
+    # states. Stage 1 holds the frozen θ in bf16; CUDA graphs where the card has room for them
+    # (training.uses_cuda_graphs). Times and memory: docs/PERFORMANCE.md.
     "fast": EditConfig(
         embed_steps=63, embed_lr=2e-3 * math.sqrt(16), timesteps_per_step=16,
         embed_low_precision=True, cuda_graphs=None,
         finetune_steps=188, finetune_lr=5e-7 * math.sqrt(8), finetune_timesteps_per_step=8,
         lora_lr=1e-4 * math.sqrt(8), aux_finetune_steps=188, aux_finetune_lr=5e-7 * math.sqrt(8),
     ),
-    # The embedded ShapesWorld model (2.5M-parameter pixel UNet, 32×32), tuned on the CPU so a
-    # whole edit takes about a minute on 2 cores (docs/models/shapes.md has the sweep):
-    # - K = 4 timesteps per step: 400 samples in stage 1 and 600 in stage 2 at batch 4, which a
-    #   CPU runs ~2.5× faster per sample than batch 1;
-    # - full fine-tune rates 1.25e-2 (stage 1) and 1.25e-5 (stage 2) for one sample per step, × √K
-    #   as in `fast`: 2.5e-2 and 2.5e-5 (until 2026-11-27 × K, 5e-2 and 5e-5, which kept the
-    #   background less faithfully: docs/RESULTS.md, "Batched timesteps"). Stage 1 must move
-    #   the 64-wide embedding far enough from e_tgt that the fine-tuned model tells them
-    #   apart (1e-2 at K = 4 left every η at the input's colour); stage 2 at 1e-4 for 200 steps
-    #   overfits (the text stops mattering), at 5e-6 it underfits (the background drifts);
-    # - stage 3 starts from the input's inversion (start "inversion", not in the paper): on
-    #   ShapesBench (80 cases, seed 0, docs/RESULTS.md) it keeps the input's pebbles in 16–26%
-    #   of the edits at η 0.7–1.0 (guidance 4) where fresh noise keeps 0–1%, SSIM +0.11 ± 0.01,
-    #   success as often from η 0.9 (99%); so one seed, one image per η;
-    # - guidance 1.5, not the model's training default 4: from the inversion (which runs without
-    #   guidance) more guidance pushes the background away. On the weights before run 5b,
-    #   guidance 2 against 4 kept the pebbles in 45–57% of ShapesBench's held-out edits (cases
-    #   40–79) instead of 10–20%, the background 4.3–4.5 dB closer; on run 5b's weights, 1.5
-    #   against 2 (chosen on cases 16–39, confirmed on 40–79): success the same from η 0.9
-    #   (100%), the pebbles kept as often or more, the background 0.7–0.8 ± 0.1 dB closer;
-    # - η 0.8–1.2: at guidance 1.5 the edit is made from η ≈ 0.8–0.9 (83–97.5% at 0.8, 100% from
-    #   0.9);
-    # - 50 DDIM steps, the paper's sampler (`--start noise --sampler dpm++ --sample-steps 20`
-    #   halves a fresh-noise sweep; on ShapesBench it was not clearly at parity, see `fast`).
+    # The embedded ShapesWorld model (docs/models/shapes.md), sized so an edit takes about a
+    # minute on 2 CPU cores: K = 4 (a CPU runs a batch of 4 faster per sample than 1), rates
+    # chosen by a sweep at K = 1 and × √K as in `fast`. Stage 3 starts from the input's
+    # inversion, which keeps details the caption never names, at guidance 1.5, where the
+    # background stays closest with the edit still made from η ≈ 0.9 (docs/RESULTS.md).
     "shapes": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=1.25e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.8, 0.9, 1.0, 1.1, 1.2),
@@ -193,7 +196,7 @@ def low_memory(config: EditConfig) -> EditConfig:
     keeps only the block boundaries' activations for the backward pass (K timesteps per step
     multiply them). This departs from the paper, which fine-tunes every weight. `cuda_graphs`
     does not record checkpointing, so it is turned off."""
-    return replace(config, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
+    return config.with_options(low_memory=True)
 
 
 def get_preset(name: str) -> EditConfig:

@@ -77,3 +77,10 @@ def load_backend(
     from .stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion(model, torch_device, torch_dtype, allow_pickle, config, revision)
+
+
+def require_family(backend, family: str, what: str) -> None:
+    """One line when a command that needs one family of model is given another."""
+    if backend.family != family:
+        raise InputError(f"{what} needs a {family} model; "
+                         f"{backend.identity.get('source', 'this one')} is {backend.family}")

@@ -81,13 +81,6 @@ def require_plotting() -> None:
                          "installed: pip install 'imagic[bench]' (or matplotlib)")
 
 
-def require_family(backend, family: str, what: str) -> None:
-    """One line when a benchmark is given a model of the wrong kind, right after loading it."""
-    if backend.family != family:
-        raise InputError(f"{what} needs a {family} model; "
-                         f"{backend.identity.get('source', 'this one')} is {backend.family}")
-
-
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG under a temporary name, then rename it into place."""
     import matplotlib.pyplot as plt

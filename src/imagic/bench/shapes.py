@@ -19,6 +19,9 @@ fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,10 +34,22 @@ from tqdm.auto import tqdm
 from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic
+from ..errors import InputError
 from ..images import write_text_atomic
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
-from ..shapes.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render, sample_scene
+from ..shapes.world import (
+    COLOURS,
+    EXAMPLES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    parse_caption,
+    render,
+    sample_scene,
+)
 from . import append_rows, check_same_run, read_rows_csv, save_figure
 
 KINDS = ("colour", "size", "shape", "position")
@@ -42,8 +57,8 @@ CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITI
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
-# The protocol's guidance, for every method: the model's training default, at which every run in
-# docs/RESULTS.md was measured (the `shapes` preset edits at 2 from the inversion; `--guidance`).
+# The protocol's guidance, for every method: the model's training default (the `shapes` preset
+# edits at its own, lower, guidance from the inversion; `--guidance` changes it).
 GUIDANCE = 4.0
 # on request (--methods), so the runs made before it resume without re-fitting every case
 OPTIONAL_METHODS = ("imagic-inversion",)
@@ -87,6 +102,42 @@ def make_cases(count: int = 80, seed: int = 0) -> list[Case]:
     return cases
 
 
+def select_cases(end: int, start: int = 0) -> list[Case]:
+    """Cases start … end − 1 of the benchmark's fixed list."""
+    if end < 1:
+        raise InputError(f"--cases must be at least 1, got {end}")
+    if not 0 <= start < end:
+        raise InputError(f"--from-case must lie in [0, --cases), got {start}")
+    return make_cases(end)[start:]
+
+
+def check_settings(config: EditConfig, etas=ETAS, strengths=STRENGTHS, methods=METHODS,
+                   guidances: tuple[float, ...] = ()) -> None:
+    """Refuse, before any model loads, what a run could not do: an η or guidance the recipe
+    refuses, a strength outside (0, 1], an unknown method, the inversion start without DDIM."""
+    known = METHODS + OPTIONAL_METHODS
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise InputError(f"unknown method {', '.join(unknown) or '(none)'}: choose from "
+                         f"{', '.join(known)}")
+    replace(config, etas=tuple(etas))  # the recipe's own checks of every η
+    for g in guidances:
+        replace(config, guidance=g)
+    if not strengths or not all(0 < s <= 1 for s in strengths):
+        raise InputError(f"SDEdit strengths lie in (0, 1], got {list(strengths)}")
+    if "imagic-inversion" in methods and config.sampler != "ddim":
+        raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
+                         "with ddim; drop it from --methods or use --sampler ddim")
+
+
+def method_names(methods, guidances: tuple[float, ...]) -> list[str]:
+    """The methods' names in rows.csv: as they are with one guidance scale, `METHOD-gG` for
+    each scale G with several."""
+    if len(guidances) <= 1:
+        return list(methods)
+    return [f"{m}-g{g:g}" for g in guidances for m in methods]
+
+
 def score(case: Case, method: str, param: float, seed: int, image: Image.Image) -> dict:
     c = check_edit(image, case.source, case.target)
     return {"case": case.index, "kind": case.kind, "method": method, "param": param,
@@ -105,78 +156,98 @@ def choose_auto(etas, margins, distances) -> float:
 
 
 def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths,
-             methods=METHODS) -> list[dict]:
-    """The chosen methods on one (case, seed)."""
+             methods=METHODS, guidances: tuple[float, ...] = ()) -> list[dict]:
+    """The chosen methods on one (case, seed), at the config's guidance or at each of
+    `guidances` (stages 1–2 fitted once for all of them)."""
     image, text = case.image(), case.text
     # "imagic" is the paper's stage 3 (fresh noise), whatever the preset starts from
     config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,), start="noise")
+    scales = guidances or (config.guidance,)
     rows = []
     # Imagic, auto-η, the inversion start and the ablation without fine-tuning share stages 1–2
     if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune"} & set(methods):
-        session = Imagic(backend, config, quiet=True).fit(image, text)
         editor = Imagic(backend, config, quiet=True)
-    if {"imagic", "imagic-auto"} & set(methods):
-        results = editor.generate(session)
-        imagic_rows = [score(case, "imagic", r.eta, seed, r.image) for r in results]
-        if "imagic-auto" in methods:
-            # the signals of every output, then the choice among the η `--eta auto` sweeps
-            signals = choose_etas(backend, session, results)[seed]
-            for row, margin, distance in zip(imagic_rows, signals.margins, signals.distances):
-                row.update(margin=round(margin, 8), distance=round(distance, 6))
-            eta = choose_auto(signals.etas, signals.margins, signals.distances)
-            auto_row = {**next(r for r in imagic_rows if r["param"] == eta),
-                        "method": "imagic-auto"}
-        if "imagic" in methods:
-            rows += imagic_rows
-        if "imagic-auto" in methods:
-            rows.append(auto_row)
-    if "imagic-inversion" in methods:
-        rows += [score(case, "imagic-inversion", r.eta, seed, r.image)
-                 for r in editor.generate(session, start="inversion")]
-    if "no-finetune" in methods:
-        untuned = replace(session, delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
-        rows += [score(case, "no-finetune", r.eta, seed, r.image)
-                 for r in editor.generate(untuned)]
+        session = editor.fit(image, text)
     # The ablation without embedding optimization: e_opt = e_tgt, so every η is the same image
     if "no-embedding" in methods:
         plain = Imagic(backend, replace(config, embed_steps=0, etas=(1.0,)), quiet=True)
-        rows += [score(case, "no-embedding", 1.0, seed, r.image)
-                 for r in plain.generate(plain.fit(image, text))]
-    # SDEdit at each strength, and the text alone, on the original model
+        plain_session = plain.fit(image, text)
     x0 = backend.encode_image(image)
     cond, uncond = backend.encode_text([text]), backend.encode_text([""])
-    for strength in strengths if "sdedit" in methods else ():
-        out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
-                             config.sample_steps, config.guidance, x0=x0, strength=strength,
-                             sampler=config.sampler)
-        rows.append(score(case, "sdedit", strength, seed, out[0]))
-    if "text-only" in methods:
-        out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
-                             config.sample_steps, config.guidance, sampler=config.sampler)
-        rows.append(score(case, "text-only", 0.0, seed, out[0]))
+    for guidance in scales:
+        def name(method, guidance=guidance):
+            return method_names([method], guidances)[scales.index(guidance)]
+
+        if {"imagic", "imagic-auto"} & set(methods):
+            results = editor.generate(session, guidance=guidance)
+            imagic_rows = [score(case, name("imagic"), r.eta, seed, r.image) for r in results]
+            if "imagic-auto" in methods:
+                # the signals of every output, then the choice among the η `--eta auto` sweeps
+                signals = choose_etas(backend, session, results)[seed]
+                for row, margin, distance in zip(imagic_rows, signals.margins,
+                                                 signals.distances):
+                    row.update(margin=round(margin, 8), distance=round(distance, 6))
+                eta = choose_auto(signals.etas, signals.margins, signals.distances)
+                auto_row = {**next(r for r in imagic_rows if r["param"] == eta),
+                            "method": name("imagic-auto")}
+            if "imagic" in methods:
+                rows += imagic_rows
+            if "imagic-auto" in methods:
+                rows.append(auto_row)
+        if "imagic-inversion" in methods:
+            rows += [score(case, name("imagic-inversion"), r.eta, seed, r.image)
+                     for r in editor.generate(session, guidance=guidance, start="inversion")]
+        if "no-finetune" in methods:
+            untuned = replace(session,
+                              delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
+            rows += [score(case, name("no-finetune"), r.eta, seed, r.image)
+                     for r in editor.generate(untuned, guidance=guidance)]
+        if "no-embedding" in methods:
+            rows += [score(case, name("no-embedding"), 1.0, seed, r.image)
+                     for r in plain.generate(plain_session, guidance=guidance)]
+        # SDEdit at each strength, and the text alone, on the original model
+        for strength in strengths if "sdedit" in methods else ():
+            out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
+                                 config.sample_steps, guidance, x0=x0, strength=strength,
+                                 sampler=config.sampler)
+            rows.append(score(case, name("sdedit"), strength, seed, out[0]))
+        if "text-only" in methods:
+            out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
+                                 config.sample_steps, guidance, sampler=config.sampler)
+            rows.append(score(case, name("text-only"), 0.0, seed, out[0]))
     return rows
 
 
 def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=ETAS,
-        strengths=STRENGTHS, methods=METHODS, quiet: bool = False) -> Path:
+        strengths=STRENGTHS, methods=METHODS, quiet: bool = False,
+        guidances: tuple[float, ...] = ()) -> Path:
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
-    then write the summary and the plot, also of a run stopped part way (Ctrl-C). Returns the
-    CSV's path."""
+    then write the summary and the plot, also of a run stopped part way (Ctrl-C). With several
+    `guidances`, every method samples at each (rows named METHOD-gG). Returns the CSV's path."""
+    guidances = tuple(dict.fromkeys(guidances))
+    if len(guidances) == 1:
+        config, guidances = replace(config, guidance=guidances[0]), ()
+    check_settings(config, etas, strengths, methods, guidances)
     out.mkdir(parents=True, exist_ok=True)
     recipe = replace(config, etas=(1.0,), seeds=(0,), start="noise")  # as run_case runs it
-    check_same_run(out, {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
-                         "config": recipe.to_dict()}, backend)
+    settings = {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
+                "config": recipe.to_dict()}
+    if guidances:
+        settings["guidances"] = list(guidances)
+    check_same_run(out, settings, backend)
     path = out / "rows.csv"
     done = defaultdict(set)  # (case, seed) -> the methods already in the file
     for r in read_rows(path):
         done[(r["case"], r["seed"])].add(r["method"])
     jobs = [(c, s, missing) for c in cases for s in dict.fromkeys(seeds)
-            if (missing := tuple(m for m in methods if m not in done[(c.index, s)]))]
+            if (missing := tuple(m for m in methods
+                                 if not set(method_names([m], guidances)) <= done[(c.index, s)]))]
     try:
         with append_rows(path, FIELDS) as commit:
             for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case",
                                             disable=quiet):
-                commit(run_case(backend, case, seed, config, etas, strengths, missing))
+                commit(run_case(backend, case, seed, config, etas, strengths, missing,
+                                guidances))
     finally:  # stopped or not, summarise the rows that are there
         if rows := read_rows(path):
             write_text_atomic(summary(rows), out / "summary.md")
@@ -258,8 +329,10 @@ def summary(rows) -> str:
              "| kind | method | best param | success | background PSNR (dB) | SSIM | pebbles kept "
              "| outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    methods = ("imagic", "imagic-inversion", "no-finetune", "no-embedding", "sdedit",
-               "text-only")
+    present = dict.fromkeys(r["method"] for r in rows)
+    methods = [m for base in ("imagic", "imagic-inversion", "no-finetune", "no-embedding",
+                              "sdedit", "text-only")
+               for m in present if m == base or m.startswith(f"{base}-g")]
     for kind in KINDS:
         for method in methods:
             curve = curves.get((kind, method))
@@ -269,8 +342,9 @@ def summary(rows) -> str:
                 curve.items(), key=lambda kv: (kv[1][0], kv[1][1]))
             lines.append(f"| {kind} | {method} | {param:g} | {100 * success:.1f}% | {psnr:.2f} | "
                          f"{ssim:.3f} | {100 * pebbles:.0f}% | {n} |")
-    if any(r["method"] == "imagic" for r in rows):
-        lines += ["", eta_table(rows)]
+    for method in methods:  # along η: Imagic, and each guidance scale's Imagic
+        if method == "imagic" or method.startswith(("imagic-g", "imagic-inversion-g")):
+            lines += ["", eta_table(rows, method)]
     if any(r["method"] == "imagic-auto" for r in rows):
         lines += ["", auto_eta_table(rows)]
     return "\n".join(lines) + "\n"
@@ -349,3 +423,84 @@ def plot(rows, path: Path) -> None:
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=8)
     save_figure(fig, path)
+
+
+def merge_runs(run: Path, workers: list[Path]) -> int:
+    """Merge the rows of runs made side by side into `run`, then rewrite its summary.md and
+    tradeoff.png. Each worker ran `imagic bench shapes` on its own copy of the run folder
+    (run.json and rows.csv copied in first, so the recipe check passes and finished cases are
+    skipped), e.g. on disjoint case ranges. Rows a worker shares with `run` (its starting copy)
+    are not duplicated; an output that two workers both made is refused, since it would be
+    counted twice. Returns the number of rows added."""
+    record = run / "run.json"
+    if not record.is_file():
+        raise InputError(f"{run} is not a ShapesBench run folder (no run.json)")
+    settings = json.loads(record.read_text())
+    for w in workers:
+        if not (w / "run.json").is_file() or json.loads((w / "run.json").read_text()) != settings:
+            raise InputError(f"{w} is not a run of the same settings as {run} (its run.json "
+                             "differs or is missing)")
+
+    def key(r):
+        return r["case"], r["seed"], r["method"], r["param"]
+
+    merged = read_rows(run / "rows.csv")
+    start = {key(r) for r in merged}  # the run as the workers copied it
+    added: set[tuple] = set()
+    for w in workers:
+        new = [r for r in read_rows(w / "rows.csv") if key(r) not in start]
+        clash = {key(r) for r in new} & added
+        if clash:
+            case, seed, method, _ = sorted(clash)[0]
+            raise InputError(f"{w} repeats case {case}, seed {seed} ({method}) of another "
+                             "worker")
+        merged += new
+        added |= {key(r) for r in new}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in merged)
+    write_text_atomic(buffer.getvalue(), run / "rows.csv")
+    rows = read_rows(run / "rows.csv")
+    write_text_atomic(summary(rows), run / "summary.md")
+    plot(rows, run / "tradeoff.png")
+    return len(added)
+
+
+def score_edit(out: Path) -> str:
+    """Score an `imagic edit` of one of the shipped example images (examples/, renders of
+    known scenes) with the detectors: per output, the attributes read, the others kept, the
+    input's pebbles kept and the background PSNR; then the counts."""
+    manifest_path = out / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        image, text, images = manifest["image"], manifest["text"], manifest["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{out} is not the output folder of `imagic edit` (no readable "
+                         "manifest.json naming its image)") from None
+    name = Path(image).stem
+    if name not in EXAMPLES:
+        raise InputError(f"{image} is not one of the shipped examples "
+                         f"({', '.join(sorted(EXAMPLES))})")
+    source = sample_scene(EXAMPLES[name][0], **EXAMPLES[name][1])
+    asked = {k: v for k, v in parse_caption(text).items() if v is not None}
+    target = {k: v for k, v in asked.items() if v != source.attributes[k]}
+    lines = [f"{name}: {text!r} asks for {target}"]
+    counts = {"target": 0, "target_and_kept": 0, "all_and_pebbles": 0}
+    entries = [e for e in images if not e.get("auto")]  # auto-η copies one of them
+    for entry in entries:
+        with Image.open(out / entry["file"]) as picture:
+            c = check_edit(picture.convert("RGB"), source, target)
+        counts["target"] += c["target"]
+        counts["target_and_kept"] += c["target"] and c["kept"]
+        counts["all_and_pebbles"] += c["target"] and c["kept"] and c["pebbles"]
+        lines.append(
+            f"  η {entry['eta']:.2f} seed {entry['seed']}: read {c['detected']}; target "
+            f"{'yes' if c['target'] else 'no'}, others kept {'yes' if c['kept'] else 'no'}, "
+            f"pebbles {c['pebbles_found']}/{c['pebbles_expected']} kept + "
+            f"{c['pebbles_added']} new, background PSNR {c['background_psnr']:.1f} dB")
+    n = len(entries)
+    lines.append(f"target read {counts['target']}/{n}; with the other attributes kept "
+                 f"{counts['target_and_kept']}/{n}; and the pebbles kept too "
+                 f"{counts['all_and_pebbles']}/{n}")
+    return "\n".join(lines)

@@ -185,6 +185,15 @@ def _first(err: BaseException) -> str:
 # --------------------------------------------------------------------------- the run
 
 
+def check_settings(model: str | None, limit: int | None) -> None:
+    """What a run needs beyond the data: a photo model (the embedded 32×32 model cannot edit
+    photos), and a positive --limit."""
+    if model is None:
+        raise InputError("TEdBench edits photos: name a Stable Diffusion model with --model")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+
+
 def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0,),
         etas: Sequence[float] | str = "auto", keep_sessions: bool = False,
         limit: int | None = None, quiet: bool = False) -> Path:

@@ -7,13 +7,17 @@ Everything is seeded, so two runs on the same model and device give the same num
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
+from ..images import write_text_atomic
 from .detect import compare, detect, dilate, find_pebbles, match_pebbles
 from .world import ATTRIBUTES, random_caption_and_scene
 
@@ -25,6 +29,22 @@ BAR_EACH = 0.95  # fraction right, for each attribute on its own
 def sample_seed(seed: int, index: int) -> int:
     """The initial-noise seed of sample `index` in a run seeded with `seed`."""
     return seed * 1_000_003 + index
+
+
+def check_evaluation(samples: int, steps: int, batch: int, report: str | None = None) -> None:
+    """Numbers an evaluation can use, and a report path that can be written, checked before
+    any model loads."""
+    for flag, value in (("--samples", samples), ("--batch", batch), ("--steps", steps)):
+        if value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if report:
+        target = Path(report)
+        if target.is_dir() or not target.parent.is_dir():
+            raise InputError(f"--json {target}: name a file in an existing folder")
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    write_text_atomic(json.dumps(result, indent=2) + "\n", Path(path))
 
 
 def text_to_image_accuracy(
@@ -44,6 +64,7 @@ def text_to_image_accuracy(
     changes a sample.  Returns per-attribute accuracy, the fraction with all four right, the
     detector's status counts, whether the bar is met and (with ``rows``) one row per sample.
     """
+    check_evaluation(samples, steps, batch)
     rng = np.random.default_rng(seed)
     pairs = [random_caption_and_scene(rng) for _ in range(samples)]
     uncond = backend.encode_text([""])

@@ -11,14 +11,12 @@ Outputs in OUT: train_log.jsonl, samples/step_XXXXXX.png, checkpoint/ (resumable
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.cascade import add_coordinates
+from ..errors import InputError
 from ..images import file_sha256, write_text_atomic
 from .evaluate import DEFAULT_GUIDANCE
 from .model import ModelConfig, build_model, parameter_count
@@ -43,9 +42,8 @@ class TrainConfig:
     steps: int = 20_000  # total optimizer steps (a resumed run counts the ones already done)
     batch_size: int | None = None  # None: 256 on CUDA, 32 on the CPU
     # AdamW, constant after the warmup (robust to stopping early, with EMA). None: 1e-3 at batch
-    # 256, the shipped model's, scaled by √(batch / 256) for other batches (Adam's square-root
-    # rule; 3.5e-4 at the CPU's 32). 3e-4 at batch 256 left position at 68% in the same
-    # 8 minutes (docs/models/shapes.md, run 5).
+    # 256, the shipped model's (docs/models/shapes.md), scaled by √(batch / 256) for other
+    # batches (Adam's square-root rule).
     lr: float | None = None
     warmup_steps: int = 200  # linear warmup from 0
     weight_decay: float = 0.01
@@ -70,6 +68,30 @@ class TrainConfig:
     init_from: str | None = None  # start from an exported model's weights (see Trainer.warm_start)
     model: ModelConfig = field(default_factory=ModelConfig)
     command: str = ""  # recorded in the export's metadata
+
+    def __post_init__(self) -> None:
+        """One line, before any work, for numbers and paths no run can use."""
+        if self.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {self.steps}")
+        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma)
+                                               and self.snr_gamma > 0):
+            raise InputError("--snr-gamma must be 0 (off) or a positive number, "
+                             f"got {self.snr_gamma}")
+        for flag, value in (("--batch-size", self.batch_size),
+                            ("--checkpoint-every", self.checkpoint_every)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} must be at least 1, got {value}")
+        for flag, value in (("--workers", self.workers), ("--sample-every", self.sample_every)):
+            if value is not None and value < 0:
+                raise InputError(f"{flag} must be 0 or more, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise InputError(f"--out {self.out} is a file; choose a folder")
+        if self.init_from is not None and not (Path(self.init_from)
+                                               / "imagic_model.json").is_file():
+            raise InputError(f"--init-from {self.init_from} is not an exported ShapesWorld "
+                             "model folder (no imagic_model.json)")
 
 
 # --------------------------------------------------------------------------- data
@@ -218,8 +240,8 @@ class Trainer:
         self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_model(config.model)
         for module in (self.unet, self.text_encoder):
             module.to(self.device).train()
-        # channels_last: oneDNN's convolutions (forward and backward) on the CPU run 13% faster
-        # per step with it (822 against 941 ms at batch 32 on the 2-core machine, 2026-11-27).
+        # channels_last: oneDNN's convolutions (forward and backward) run faster with it on the
+        # CPU (docs/models/shapes.md)
         self.channels_last = not cuda
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -556,73 +578,6 @@ def train(config: TrainConfig) -> Path:
     return Trainer(config).run()
 
 
-# --------------------------------------------------------------------------- command line
-
-TRAIN_EXAMPLE = """examples:
-  imagic train-shapes --out shapes-run --device cuda --max-minutes 8 --seed 5
-                                                 (the run that made the embedded model)
-  imagic train-shapes --out shapes-run --resume --steps 30000   (continue a stopped run)
-  then: imagic eval-shapes --model shapes-run/model"""
-EVAL_EXAMPLE = """example:
-  imagic eval-shapes --model shapes-run/model --samples 500 --json eval.json
-  (without --model: the embedded model)"""
-
-
-def add_cli(subparsers) -> None:
-    """Register `train-shapes` and `eval-shapes` on an argparse subparsers object."""
-    raw = argparse.RawDescriptionHelpFormatter
-    train_p = subparsers.add_parser(
-        "train-shapes", help="train the ShapesWorld text-to-image model from scratch",
-        description="Train the 32×32 ShapesWorld model on images rendered on the fly. Writes "
-                    "train_log.jsonl, samples/, a resumable checkpoint/ and the exported "
-                    "model/ to --out.",
-        epilog=TRAIN_EXAMPLE, formatter_class=raw,
-    )
-    defaults = TrainConfig()
-    train_p.add_argument("--out", required=True, help="output folder")
-    train_p.add_argument("--steps", type=int, default=defaults.steps,
-                         help=f"total optimizer steps (default {defaults.steps})")
-    train_p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 32 on the CPU")
-    train_p.add_argument("--lr", type=float,
-                         help="AdamW learning rate (default: 1e-3 × √(batch size / 256))")
-    train_p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    train_p.add_argument("--workers", type=int,
-                         help="data processes (default: 0 on the CPU, min(12, cores-2) on CUDA)")
-    train_p.add_argument("--max-minutes", type=float,
-                         help="wall-clock budget: then checkpoint, sample and export")
-    train_p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                         help=f"steps between checkpoints (default {defaults.checkpoint_every})")
-    train_p.add_argument("--sample-every", type=int, default=defaults.sample_every,
-                         help="steps between sample grids (0: only at the end)")
-    train_p.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
-                         help=f"Min-SNR-γ loss weighting (default {defaults.snr_gamma:g}; "
-                              "0: none, plain MSE)")
-    train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    train_p.add_argument("--init-from", help="start from the weights of an exported model folder")
-    train_p.add_argument("--seed", type=int, default=defaults.seed,
-                         help="seeds the initial weights and every data and noise draw")
-    train_p.add_argument("--quiet", action="store_true", help="no progress bar")
-    train_p.set_defaults(func=cmd_train_shapes)
-
-    eval_p = subparsers.add_parser(
-        "eval-shapes", help="score a ShapesWorld model's text-to-image accuracy",
-        description="Generate one image per random caption and read it back with the "
-                    "detectors: per-attribute accuracy and the fraction with all four right.",
-        epilog=EVAL_EXAMPLE, formatter_class=raw,
-    )
-    eval_p.add_argument("--model", help="model folder (default: the embedded model)")
-    eval_p.add_argument("--samples", type=int, default=500, help="captions (default 500)")
-    eval_p.add_argument("--seed", type=int, default=0, help="seeds the captions and the noise")
-    eval_p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help=f"classifier-free guidance (default {DEFAULT_GUIDANCE:g})")
-    eval_p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    eval_p.add_argument("--batch", type=int, default=100, help="images per sampling call")
-    eval_p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    eval_p.add_argument("--json", help="also write the result (with per-sample rows) here")
-    eval_p.add_argument("--quiet", action="store_true", help="no progress bar")
-    eval_p.set_defaults(func=cmd_eval_shapes)
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """On resume: drop the log lines past the checkpoint's step, which the run will log again
     (a run stopped at step 1700 with its checkpoint at 1000 redoes 1001–1700)."""
@@ -631,80 +586,3 @@ def _truncate_log(path: Path, step: int) -> None:
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line).get("step", 0) <= step]
     write_text_atomic("".join(kept), path)
-
-
-def cmd_train_shapes(args) -> int:
-    from ..errors import InputError
-
-    if args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
-        raise InputError("--snr-gamma must be 0 (off) or a positive number, "
-                         f"got {args.snr_gamma}")
-    for flag, value in (("--batch-size", args.batch_size), ("--checkpoint-every",
-                                                            args.checkpoint_every)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} must be at least 1, got {value}")
-    for flag, value in (("--workers", args.workers), ("--sample-every", args.sample_every)):
-        if value is not None and value < 0:
-            raise InputError(f"{flag} must be 0 or more, got {value}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise InputError(f"--lr must be a positive number, got {args.lr}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; choose a folder")
-    if args.init_from is not None and not (Path(args.init_from) / "imagic_model.json").is_file():
-        raise InputError(f"--init-from {args.init_from} is not an exported ShapesWorld model "
-                         "folder (no imagic_model.json)")
-    config = TrainConfig(
-        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        device=args.device, workers=args.workers, max_minutes=args.max_minutes,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-        resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
-        snr_gamma=args.snr_gamma or None, command=" ".join(["imagic", *sys.argv[1:]]),
-    )
-    train(config)
-    return 0
-
-
-def cmd_eval_shapes(args) -> int:
-    from ..backends import load_backend
-    from ..bench import require_family
-    from ..errors import InputError
-    from .evaluate import markdown_table, text_to_image_accuracy
-
-    for flag, value in (("--samples", args.samples), ("--batch", args.batch),
-                        ("--steps", args.steps)):
-        if value < 1:
-            raise InputError(f"{flag} must be at least 1, got {value}")
-    if args.json:  # checked now, not after the evaluation
-        target = Path(args.json)
-        if target.is_dir() or not target.parent.is_dir():
-            raise InputError(f"--json {target}: name a file in an existing folder")
-    backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "eval-shapes (32×32 ShapesWorld detectors)")
-    result = text_to_image_accuracy(backend, samples=args.samples, seed=args.seed,
-                                    guidance=args.guidance, steps=args.steps, batch=args.batch,
-                                    rows=bool(args.json), progress=not args.quiet)
-    print(markdown_table(result))
-    if args.json:
-        _write_json(result, Path(args.json))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m imagic.shapes.train train-shapes ...`: works without the `imagic` command."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    parser = argparse.ArgumentParser(prog="python -m imagic.shapes.train")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    diffusers_logging.set_verbosity_error()  # as the imagic command does
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -517,3 +517,15 @@ def random_caption_and_scene(rng: np.random.Generator | int | None = None) -> tu
     rng = _as_rng(rng)
     scene = sample_scene(rng)
     return scene, caption(scene, rng=rng)
+
+
+# The example images shipped under examples/ (scripts/make_examples.py renders them): file
+# name -> (seed, attributes) of the scene, so an edit of one can be scored against it.
+EXAMPLES: dict[str, tuple[int, dict]] = {
+    "large-red-circle-top-left": (
+        3, dict(shape="circle", colour="red", size="large", position="top left")),
+    "small-yellow-square-center": (
+        7, dict(shape="square", colour="yellow", size="small", position="center")),
+    "large-green-triangle-bottom-right": (
+        11, dict(shape="triangle", colour="green", size="large", position="bottom right")),
+}

@@ -1,20 +1,26 @@
-"""One optimizer step of stages 1 and 2 (forward, backward, Adam), run eagerly or replayed as a
-CUDA graph.
+"""The optimizer loop of stages 1 and 2: Adam over draws of (t, ε), with a progress bar.
 
-Eagerly, every step launches each of the UNet's kernels from Python: several thousand a step.
-On an H100 that takes longer than the kernels themselves up to K = 8 timesteps per step (an SD-1.5
-stage-2 step costs 163–177 ms at K = 1, 4 and 8 alike, ../shared/perf), so the GPU waits for the
-CPU. A CUDA graph records the step's kernels once and replays them with one launch
-(PyTorch's "whole-network capture", torch.cuda.graphs): the same kernels on the same memory, so a
-replay needs its new inputs, here the step's draws (t, ε), copied into the recorded ones.
+Both stages call `train`. It picks how each step runs (eagerly, or recorded once as a CUDA graph
+and replayed where the card has room for it), turns gradient checkpointing on for the stage when
+the config asks, and reads the losses back from the device in groups. `measured` records a
+stage's seconds and peak GPU memory.
+
+Eagerly, every step launches each of the model's kernels from Python, several thousand a step;
+for small batches that takes longer than the kernels themselves, so the GPU waits for the CPU. A
+CUDA graph records the step's kernels once and replays them with one launch (PyTorch's
+"whole-network capture", torch.cuda.graphs): the same kernels on the same memory, so a replay
+needs its new inputs, the step's draws (t, ε), copied into the recorded ones.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+from tqdm.auto import tqdm
 
 WARMUP_STEPS = 3  # eager steps before the recording (PyTorch's docs warm up 3 iterations)
 
@@ -83,7 +89,7 @@ class GraphedStep(EagerStep):
             return super().__call__(*inputs)
         if self.steps <= WARMUP_STEPS:
             if self.steps == 1:  # blocks cached for the default stream cannot serve the side
-                torch.cuda.empty_cache()  # stream (on an H100 stage 1 reserved 37.7 GiB so)
+                torch.cuda.empty_cache()  # stream: give them back rather than reserve twice
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 loss = (self._checked(inputs) if self.steps == WARMUP_STEPS
@@ -118,10 +124,8 @@ class GraphedStep(EagerStep):
         global _recording_failed
         self.inputs = tuple(x.clone() for x in inputs)
         # The recorded backward must write the gradients, not add to them. They and the
-        # activations live in the graph's own memory pool; torch.cuda.graph first gives the
-        # allocator's cached blocks back (the warm-up's). That is not enough for a 24 GB card:
-        # under a 23.5 GiB cap stage 2's recording ran out of memory, on fragmentation
-        # (docs/PERFORMANCE.md, "CUDA graphs"), hence editor.uses_cuda_graphs.
+        # activations live in the graph's own memory pool, which the allocator's cached blocks
+        # cannot serve: hence `uses_cuda_graphs`' memory rule.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         previous = torch.cuda.current_stream()
@@ -171,3 +175,101 @@ def make_step(loss_fn, optimizer, graphed: bool, label: str = "a stage") -> Eage
     if graphed and capturable and not _recording_failed:
         return GraphedStep(loss_fn, optimizer, label)
     return EagerStep(loss_fn, optimizer)
+
+
+# --------------------------------------------------------------------------- the loop
+
+READBACK_EVERY = 10  # optimizer steps between reading the losses back from the device
+GRAPHS_MIN_GIB = 40  # cuda_graphs None: record only with this much GPU memory to use
+
+
+def train(backend, config, params: Sequence[torch.Tensor], lr: float,
+          draw: Callable[[], tuple[torch.Tensor, ...]],
+          loss_at: Callable[..., torch.Tensor], steps: int, label: str,
+          quiet: bool = False) -> list[float]:
+    """`steps` Adam steps on `params` at rate `lr`: each draws (t, ε) with `draw()` and minimizes
+    `loss_at(t, ε)`. The config decides the rest: CUDA graphs (`uses_cuda_graphs`) and gradient
+    checkpointing. Returns every step's loss, in order."""
+    graphed = uses_cuda_graphs(config, backend.device)
+    optimizer = adam(params, lr=lr, graphed=graphed)
+    with checkpointing(backend, config.gradient_checkpointing):
+        return optimize(draw, loss_at, optimizer, steps, label, quiet, graphed=graphed)
+
+
+def optimize(draw, loss_fn, optimizer, steps: int, label: str, quiet: bool,
+             graphed: bool = False) -> list[float]:
+    """The loop itself, with a progress bar showing a running mean of the loss.
+
+    The losses stay on the device and are read back every READBACK_EVERY steps: reading one
+    (`.item()`) waits for the GPU to finish, which would stop the CPU from queueing the next
+    step's kernels while the current ones run.
+    """
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []
+    bar = tqdm(range(steps), desc=label, disable=quiet, leave=True)
+    running = None
+    step_fn = make_step(loss_fn, optimizer, graphed, label)
+    try:
+        for step in bar:
+            pending.append(step_fn(*draw()))
+            if len(pending) == READBACK_EVERY or step == steps - 1:
+                for value in torch.stack(pending).tolist():
+                    losses.append(value)
+                    running = value if running is None else 0.95 * running + 0.05 * value
+                pending.clear()
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    finally:
+        step_fn.close()  # the gradients (and a recording's memory) are not needed after it
+    return losses
+
+
+def uses_cuda_graphs(config, device: torch.device | str) -> bool:
+    """Whether stages 1–2 record their training step as a CUDA graph: `config.cuda_graphs` where
+    it is True or False; where it is None (`fast`), on a CUDA device whose free memory plus what
+    PyTorch already holds there (within any cap set with
+    torch.cuda.set_per_process_memory_fraction) is at least GRAPHS_MIN_GIB. A recording holds
+    its memory in a pool of its own, so the allocator reserves far more than it allocates
+    (docs/PERFORMANCE.md). Never under gradient checkpointing, which a recording does not hold."""
+    device = torch.device(device)
+    if device.type != "cuda" or config.gradient_checkpointing:
+        return False
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    if hasattr(torch.cuda, "get_per_process_memory_fraction"):  # a cap set on this process
+        usable = min(usable, torch.cuda.get_per_process_memory_fraction(device) * total)
+    return usable >= GRAPHS_MIN_GIB * 2**30
+
+
+@contextmanager
+def checkpointing(backend, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for one stage's optimization, when the config asks for it."""
+    if not enabled:
+        yield
+        return
+    backend.set_gradient_checkpointing(True)
+    try:
+        yield
+    finally:
+        backend.set_gradient_checkpointing(False)
+
+
+@contextmanager
+def measured(timings: dict[str, float], name: str, device) -> Iterator[None]:
+    """Record a step's seconds as timings[name_s] and, on a GPU, its peak memory as
+    timings[name_peak_gib] (torch.cuda.max_memory_allocated: tensors, not the allocator's
+    cache) and timings[name_reserved_gib] (max_memory_reserved: what the allocator held from
+    the card, cache included). Every stage ends by reading a result back, so the clock stops
+    after the GPU."""
+    cuda = torch.device(device).type == "cuda"
+    for kind in ("peak", "reserved"):  # a loaded session's figures are not this run's
+        timings.pop(f"{name}_{kind}_gib", None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield
+    timings[f"{name}_s"] = time.perf_counter() - start
+    if cuda:
+        timings[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        timings[f"{name}_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30

@@ -7,8 +7,8 @@ import contextlib
 import pytest
 import torch
 
-from imagic import training_step
-from imagic.training_step import EagerStep, GraphedStep, make_step
+from imagic import training
+from imagic.training import EagerStep, GraphedStep, make_step
 
 
 class FakeGraph:
@@ -36,7 +36,7 @@ def fake_cuda(monkeypatch):
         "set_sync_debug_mode": lambda m: mode.update(now=m),
     }.items():
         monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(training_step, "_recording_failed", False)
+    monkeypatch.setattr(training, "_recording_failed", False)
     FakeGraph.replays = 0
     return mode
 
@@ -71,8 +71,8 @@ def test_make_step_records_only_where_asked_and_the_optimizer_can_be_recorded(fa
 def test_three_eager_steps_then_one_recording_then_replays(fake_cuda):
     calls = []
     step, losses = run(lambda w, x: calls.append(1) or square(w, x))
-    assert len(calls) == training_step.WARMUP_STEPS + 1  # the rest were replays
-    assert FakeGraph.replays == 7 - training_step.WARMUP_STEPS
+    assert len(calls) == training.WARMUP_STEPS + 1  # the rest were replays
+    assert FakeGraph.replays == 7 - training.WARMUP_STEPS
     assert losses[:3] == pytest.approx(EAGER[:3]) and not step.eager
     assert fake_cuda["now"] == 0  # the check's mode is put back
 
@@ -107,14 +107,14 @@ def test_a_failed_recording_warns_goes_eager_and_stops_recording_in_the_process(
 
     def fails_when_recorded(w, x):
         calls.append(1)
-        if len(calls) == training_step.WARMUP_STEPS + 1:
+        if len(calls) == training.WARMUP_STEPS + 1:
             raise RuntimeError("not recordable")
         return square(w, x)
 
     with pytest.warns(UserWarning, match=r"cannot be recorded as a CUDA graph \(not recordable\)"):
         step, losses = run(fails_when_recorded)
     assert step.eager and losses == pytest.approx(EAGER)
-    assert training_step._recording_failed
+    assert training._recording_failed
     assert type(make_step(lambda: 0, capturable_adam(), graphed=True)) is EagerStep
 
 
@@ -123,10 +123,10 @@ def test_running_out_of_memory_while_recording_is_raised(fake_cuda):
 
     def out_of_memory_when_recorded(w, x):
         calls.append(1)
-        if len(calls) == training_step.WARMUP_STEPS + 1:
+        if len(calls) == training.WARMUP_STEPS + 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return square(w, x)
 
     with pytest.raises(torch.OutOfMemoryError):
         run(out_of_memory_when_recorded)
-    assert training_step._recording_failed
+    assert training._recording_failed

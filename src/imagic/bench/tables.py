@@ -1,27 +1,20 @@
-"""Print the ShapesBench tables that docs/RESULTS.md quotes, from a rows.csv:
-
-    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv > /tmp/tables.md
-    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv --seeds 0
-    python scripts/results_tables.py docs/bench/shapes-run4/rows.csv docs/bench/X/rows.csv
-
-Sections: the best setting per method and edit kind; Imagic, SDEdit and no-finetune along their
-parameter; the SDEdit bar per kind (all cases, and the held-out cases 16–79 that did not choose
-the preset); the same bar per seed; and every method's fidelity per seed on the cases every seed
-has (how much the noise draw moves it). Only (case, seed) pairs that every method in the file
-finished are counted, so a partial run compares like with like.
-"""
+"""The ShapesBench tables docs/RESULTS.md quotes, from one or more rows.csv: the best setting
+per method and edit kind; Imagic, SDEdit and no-finetune along their parameter; the SDEdit bar
+per kind (all cases, the held-out cases, each seed); and every method's fidelity per seed.
+Only (case, seed) pairs that every method in the files finished are counted, so a partial run
+compares like with like. `imagic bench tables ROWS.csv ...`."""
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from imagic.bench.shapes import KINDS, eta_table, param_curves, read_rows, summary
+from ..errors import InputError
+from .shapes import KINDS, eta_table, param_curves, read_rows, summary
 
-HELD_OUT = 16  # cases 0–15 chose the preset's learning rates (RESULTS.md, "Batched timesteps")
+HELD_OUT = 16  # cases 0–15 chose the `shapes` preset's learning rates; the rest did not
 
 
 def complete(rows: list[dict]) -> list[dict]:
@@ -49,6 +42,8 @@ def cell(prefix: str, item) -> str:
 
 
 def sdedit_bar(rows: list[dict], label: str, method: str = "imagic") -> list[str]:
+    """Per kind: `method` at its best η against SDEdit at its best strength, and SDEdit's best
+    among the strengths that keep the background at least as well."""
     name = {"imagic": "Imagic"}.get(method, method)
     lines = [f"SDEdit bar, {label}: {name} at its best η against SDEdit at its best strength, "
              f"and SDEdit's best among the strengths whose PSNR ≥ {name}'s.", "",
@@ -69,6 +64,7 @@ def sdedit_bar(rows: list[dict], label: str, method: str = "imagic") -> list[str
 
 
 def seed_table(rows: list[dict]) -> list[str]:
+    """Fixed settings of each method, per seed: how much the noise draw moves the scores."""
     seeds = sorted({r["seed"] for r in rows})
     settings = [("imagic", 0.0, "Imagic η 0 (reconstruction)"), ("imagic", 0.7, "Imagic η 0.7"),
                 ("imagic", 0.8, "Imagic η 0.8"), ("imagic", 1.0, "Imagic η 1.0"),
@@ -95,46 +91,35 @@ def seed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(paths: list[str], seeds: set[int] | None = None) -> int:
-    """`paths`: one run's rows.csv, or several (e.g. a method added later in its own folder):
-    their rows are read together."""
-    path = " + ".join(paths)
+def tables(paths: list[Path], seeds: set[int] | None = None) -> str:
+    """Every table, in markdown, from the rows of `paths` read together (one run's rows.csv, or
+    several, e.g. a method added later in its own folder)."""
+    name = " + ".join(map(str, paths))
     every = [r for p in paths for r in read_rows(Path(p)) if seeds is None or r["seed"] in seeds]
     keys = [(r["case"], r["seed"], r["method"], r["param"]) for r in every]
     if len(set(keys)) < len(keys):
-        sys.exit(f"{path}: the same output is in more than one row (a file given twice, or two "
-                 "runs of one method); give each method's rows once")
+        raise InputError(f"{name}: the same output is in more than one row (a file given twice, "
+                         "or two runs of one method); give each method's rows once")
     rows = complete(every)
     if not rows:
-        sys.exit(f"{path}: no (case, seed) pair with every method's rows"
-                 + (f" among seeds {sorted(seeds)}" if seeds else ""))
+        raise InputError(f"{name}: no (case, seed) pair with every method's rows"
+                         + (f" among seeds {sorted(seeds)}" if seeds else ""))
     pairs = {(r["case"], r["seed"]) for r in rows}
-    seeds = sorted({s for _, s in pairs})
-    print(f"<!-- {path}: {len(pairs)} complete (case, seed) pairs of {len(every)} rows; "
-          f"seeds {', '.join(map(str, seeds))} -->\n")
-    print(summary(rows).split("\n", 2)[2])  # the best-setting table and Imagic along η
-    print(eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "", sep="\n")
-    print("\n".join(sdedit_bar(rows, "all cases and seeds")) + "\n")
+    seeds_found = sorted({s for _, s in pairs})
+    out = [f"<!-- {name}: {len(pairs)} complete (case, seed) pairs of {len(every)} rows; "
+           f"seeds {', '.join(map(str, seeds_found))} -->", "",
+           summary(rows).split("\n", 2)[2],  # the best-setting table and Imagic along η
+           eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "",
+           *sdedit_bar(rows, "all cases and seeds"), ""]
     if any(r["method"] == "imagic-inversion" for r in rows):
-        print(eta_table(rows, "imagic-inversion"), "", sep="\n")
-        print("\n".join(sdedit_bar(rows, "all cases and seeds", "imagic-inversion")) + "\n")
+        out += [eta_table(rows, "imagic-inversion"), "",
+                *sdedit_bar(rows, "all cases and seeds", "imagic-inversion"), ""]
     held = [r for r in rows if r["case"] >= HELD_OUT]
-    print("\n".join(sdedit_bar(held, f"held-out cases {HELD_OUT}–79, all seeds")) + "\n")
-    for s in seeds:
-        print("\n".join(sdedit_bar([r for r in rows if r["seed"] == s], f"seed {s}")) + "\n")
+    out += [*sdedit_bar(held, f"held-out cases {HELD_OUT}–79, all seeds"), ""]
+    for s in seeds_found:
+        out += [*sdedit_bar([r for r in rows if r["seed"] == s], f"seed {s}"), ""]
     # per seed on the cases every seed has, so the seeds are compared on the same cases
-    cases = set.intersection(*({c for c, s2 in pairs if s2 == s} for s in seeds))
-    print(f"({len(cases)} cases that every seed has)\n")
-    print("\n".join(seed_table([r for r in rows if r["case"] in cases])))
-    return 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("rows", nargs="+", help="rows.csv files, read together")
-    parser.add_argument("--seeds", help="only these seeds, e.g. 0 or 0,1")
-    args = parser.parse_args()
-    chosen = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    sys.exit(main(args.rows, chosen))
+    cases = set.intersection(*({c for c, s2 in pairs if s2 == s} for s in seeds_found))
+    out += [f"({len(cases)} cases that every seed has)", ""]
+    out += seed_table([r for r in rows if r["case"] in cases])
+    return "\n".join(out) + "\n"
