@@ -232,8 +232,8 @@ def test_fast_records_cuda_graphs_only_where_the_card_has_room(monkeypatch):
     per-process cap. True and False are obeyed on CUDA; a CPU and checkpointing never record."""
     import torch
 
-    from imagic.training import uses_cuda_graphs
     from imagic.presets import low_memory
+    from imagic.training import uses_cuda_graphs
 
     GiB = 2**30
     card = {"free": 70 * GiB, "total": 80 * GiB, "reserved": 0, "fraction": 1.0}

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagic.cli.shapes import register as add_cli
 from imagic.errors import InputError
 from imagic.shapes import COLOURS, POSITIONS, SHAPES, SIZES, TEMPLATES, VOCABULARY
 from imagic.shapes.model import ModelConfig, build_model, longest_caption_tokens, parameter_count
-from imagic.cli.shapes import register as add_cli
 from imagic.shapes.train import ShapesStream, TrainConfig, Trainer, train
 
 TINY = ModelConfig(block_out_channels=(8, 16, 16), norm_num_groups=4, attention_head_dim=2,
@@ -140,8 +140,8 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(straight_run, tm
 
 
 def test_accuracy_report_on_a_handful_of_samples(straight_run, tmp_path):
-    from imagic.shapes.evaluate import markdown_table, text_to_image_accuracy
     from imagic.cli.shapes import cmd_eval_shapes
+    from imagic.shapes.evaluate import markdown_table, text_to_image_accuracy
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

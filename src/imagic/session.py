@@ -186,7 +186,7 @@ class EditSession:
                 image_sha256=manifest["input_sha256"],
                 input_image=input_image,
                 timings=manifest.get("timings", {}),
-                # sessions saved before 2026-11-27 kept only the final losses
+                # sessions of format 1 saved by early versions kept only the final losses
                 losses=manifest.get("losses") or {
                     k: [v] for k, v in manifest.get("final_loss", {}).items() if v is not None},
                 versions=manifest.get("versions", {}),

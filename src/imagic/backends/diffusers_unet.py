@@ -353,9 +353,8 @@ def make_sampler(name: str, config):
 
 def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies of (GPU) tensors. From a GPU into pinned memory without blocking, then one
-    wait: for SD-1.5's 3.4 GB of UNet weights a pageable copy, tensor by tensor, costs about a
-    second each way; pinned, a few tenths (docs/PERFORMANCE.md). A GPU can copy pinned copies
-    back without blocking too."""
+    wait: a pageable copy, tensor by tensor, is several times slower for a UNet's weights
+    (docs/PERFORMANCE.md). A GPU can copy pinned copies back without blocking too."""
     copies = {}
     for name, t in tensors.items():
         t = t.detach()

@@ -112,7 +112,7 @@ def register(sub) -> None:
                     "kind, each method along its parameter, the SDEdit bar per kind and per "
                     "seed, and fidelity per seed. Only (case, seed) pairs that every method "
                     "finished are counted.",
-        epilog="example:\n  imagic bench tables docs/bench/shapes/rows.csv --seeds 0",
+        epilog="example:\n  imagic bench tables docs/bench/shapes-run4/rows.csv --seeds 0",
         formatter_class=raw,
     )
     tables.add_argument("rows", type=Path, nargs="+", help="rows.csv files, read together")
@@ -151,8 +151,7 @@ def _recipe(args, preset: str | None):
 def cmd_shapes(args) -> int:
     from ..backends import load_backend, require_family
     from ..bench import require_plotting
-    from ..bench.shapes import ETAS, GUIDANCE, METHODS, STRENGTHS, check_settings, run, \
-        select_cases
+    from ..bench.shapes import ETAS, GUIDANCE, METHODS, STRENGTHS, check_settings, run, select_cases
     from ..outputs import check_out_dir
 
     cases = select_cases(args.cases, args.from_case)

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
