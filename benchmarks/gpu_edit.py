@@ -188,8 +188,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a small UNet, for CPUs and tests")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    parser.add_argument("--reference-steps", type=int, default=30,
-                        help="n: the reference is timed over n and 2n steps (default 30)")
+    parser.add_argument("--reference-steps", type=int, default=100,
+                        help="n: the reference is timed over n and 2n steps (default 100; "
+                             "fewer projects noisily, docs/PERFORMANCE.md)")
     parser.add_argument("--fast-preset", default="fast", help="the preset to compare (fast)")
     parser.add_argument("--fast-scale", type=float, default=1.0,
                         help="scale the fast preset's step counts (tests; default 1)")

@@ -3,10 +3,13 @@ is scored from the same seeds, and a stopped run resumes without redoing finishe
 
 import csv
 import json
+from pathlib import Path
 
 from imagic.bench.shapes import KINDS, make_cases
 from imagic.cli import main
 from imagic.shapes import detect, render
+
+RUN4 = Path(__file__).resolve().parent.parent / "docs" / "bench" / "shapes-run4"  # 80 × 3 rows
 
 
 def test_cases_change_exactly_one_attribute_of_a_render():
@@ -182,18 +185,12 @@ def test_a_run_recorded_before_a_config_field_existed_still_resumes(tmp_path):
                                   "config": replace(config, sampler="dpm++").to_dict()}, backend)
 
 
-def test_merging_parallel_workers_adds_each_new_row_once_and_refuses_doubles(tmp_path):
-    import importlib.util
+def test_merging_parallel_workers_adds_each_new_row_once_and_refuses_doubles(tmp_path, capsys):
+    """`imagic bench merge RUN W1 W2`: each worker's new rows once, in case order; an output
+    that two workers both made is one line, exit 2."""
     import shutil
-    from pathlib import Path
 
-    import pytest
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("merge", root / "scripts" / "merge_bench_rows.py")
-    merge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge)
-    source = root / "docs" / "bench" / "shapes-run4"
+    source = RUN4
     with (source / "rows.csv").open() as f:
         lines = f.read().splitlines(keepends=True)
     header, rows = lines[0], lines[1:]
@@ -209,11 +206,47 @@ def test_merging_parallel_workers_adds_each_new_row_once_and_refuses_doubles(tmp
 
     run = folder("run", 0)
     w1, w2 = folder("w1", 0, 1), folder("w2", 0, 2)  # each started from a copy of the run
-    assert merge.main(run, [w1, w2]) == 0
+    assert main(["bench", "merge", str(run), str(w1), str(w2)]) == 0
     with (run / "rows.csv").open() as f:
         assert [r["case"] for r in csv.DictReader(f)] == [
             "0"] * len(per_case[0]) + ["1"] * len(per_case[1]) + ["2"] * len(per_case[2])
     assert (run / "summary.md").read_text().startswith("# ShapesBench: 3 cases")
     w3 = folder("w3", 0, 1)
-    with pytest.raises(SystemExit, match="repeats"):
-        merge.main(folder("run2", 0), [w1, w3])
+    assert main(["bench", "merge", str(folder("run2", 0)), str(w1), str(w3)]) == 2
+    assert "repeats" in capsys.readouterr().err
+
+
+def test_several_guidance_scales_fit_once_and_name_each_scale(tmp_path, monkeypatch):
+    """`--guidance 1,2` samples every method at each scale from one fit per case, in rows
+    named METHOD-gG, and the summary shows Imagic along η at each."""
+    from imagic.editor import Imagic
+
+    fits = []
+    fit = Imagic.fit
+    monkeypatch.setattr(Imagic, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
+                 "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "2",
+                 "--eta", "0,1", "--methods", "imagic,text-only", "--guidance", "1,2",
+                 "--quiet"]) == 0
+    with (out / "rows.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(fits) == 1
+    assert sorted({r["method"] for r in rows}) == ["imagic-g1", "imagic-g2", "text-only-g1",
+                                                   "text-only-g2"]
+    assert len(rows) == 2 * (2 + 1)
+    summary = (out / "summary.md").read_text()
+    assert "imagic-g1 along η" in summary and "imagic-g2 along η" in summary
+    assert json.loads((out / "run.json").read_text())["guidances"] == [1.0, 2.0]
+
+
+def test_tables_print_the_results_tables_and_refuse_rows_given_twice(capsys):
+    rows = str(RUN4 / "rows.csv")
+    assert main(["bench", "tables", rows, "--seeds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "complete (case, seed) pairs" in printed and "seeds 0 -->" in printed
+    for title in ("imagic along η", "sdedit along strength", "SDEdit bar, all cases",
+                  "held-out cases 16–79", "Per seed, on the same cases"):
+        assert title in printed, title
+    assert main(["bench", "tables", rows, rows]) == 2
+    assert "more than one row" in capsys.readouterr().err

@@ -90,3 +90,22 @@ def test_edit_without_model_uses_the_embedded_one_and_its_session_rerenders(tmp_
     assert main(["generate", str(out / "session"), "--eta", "1", "--seeds", "0", "--out",
                  str(again), "--quiet"]) == 0
     assert (again / "eta1.00_seed0.png").read_bytes() == (out / "eta1.00_seed0.png").read_bytes()
+
+
+def test_score_edit_reads_an_edit_of_a_shipped_example_back(tmp_path, capsys):
+    """`imagic bench score-edit OUT` scores each output of an edit of examples/ against the
+    example's known scene; anything else is one line, exit 2."""
+    out = tmp_path / "out"
+    assert main(["edit", str(EXAMPLE), "a large blue circle at the top left", "--out", str(out),
+                 "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "3",
+                 "--eta", "0,1", "--no-session", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "score-edit", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("large-red-circle-top-left: 'a large blue circle at the top "
+                                 "left' asks for {'colour': 'blue'}")
+    assert [line.split(":")[0].strip() for line in printed[1:3]] == ["η 0.00 seed 0",
+                                                                     "η 1.00 seed 0"]
+    assert printed[-1].startswith("target read ") and "/2;" in printed[-1]
+    assert main(["bench", "score-edit", str(tmp_path)]) == 2
+    assert "not the output folder of `imagic edit`" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def register(sub) -> None:
                         help="comma-separated subset of: imagic, imagic-auto, no-finetune, "
                              "no-embedding, sdedit, text-only (default: these six), and "
                              "imagic-inversion (stage 3 from the input's inversion; on request)")
-    shapes.add_argument("--guidance", type=parse_floats,
+    shapes.add_argument("--guidance", dest="guidances", type=parse_floats,
                         help="classifier-free guidance of every method (default 4, the model's "
                              "training default); several (1,1.5,2) sample every method at each "
                              "from one fit, in rows named METHOD-gG")
@@ -140,12 +140,12 @@ def _sampling(p, guidance: bool = False) -> None:
     add_options(p, SAMPLING, leave_out)
 
 
-def _recipe(args, preset: str | None):
-    """The preset with the options given; `preset` when --preset is not."""
+def _recipe(args, preset: str | None, **fixed):
+    """The preset (`preset` when --preset is not given) with the options given, and `fixed`."""
     from ..presets import get_preset
 
-    return get_preset(args.preset or preset).with_options(
-        low_memory=args.low_memory, **options_given(args, RECIPE, SAMPLING))
+    options = {**options_given(args, RECIPE, SAMPLING), **fixed}
+    return get_preset(args.preset or preset).with_options(low_memory=args.low_memory, **options)
 
 
 def cmd_shapes(args) -> int:
@@ -157,8 +157,8 @@ def cmd_shapes(args) -> int:
     cases = select_cases(args.cases, args.from_case)
     # the paper's fresh noise ("imagic" is the paper's stage 3; imagic-inversion starts from the
     # inversion), at the protocol's guidance unless told otherwise
-    guidances = args.guidance or (GUIDANCE,)
-    config = _recipe(args, "shapes").with_options(start="noise", guidance=guidances[0])
+    guidances = args.guidances or (GUIDANCE,)
+    config = _recipe(args, "shapes", start="noise", guidance=guidances[0])
     etas, strengths = args.eta or ETAS, args.strengths or STRENGTHS
     methods = args.methods or METHODS
     check_settings(config, etas, strengths, methods, guidances if len(guidances) > 1 else ())
