@@ -261,6 +261,13 @@ def main(argv=None) -> int:
     short, long = (measure(backend, replace(get_preset("paper"), embed_steps=m, finetune_steps=m,
                                             **sweep), image) for m in (n, 2 * n))
     projected = project(short, long)
+    for stage in ("stage1", "stage2"):
+        if projected[f"{stage}_s_per_step"] <= 0:  # a projection from this would be nonsense
+            print(f"gpu_edit: the reference's {stage} took no longer over {2 * n} steps than "
+                  f"over {n} ({short[f'{stage}_s']:.2f} s, then {long[f'{stage}_s']:.2f} s): "
+                  "the machine was busy or the steps too few to time; re-run, or raise "
+                  "--reference-steps", file=sys.stderr)
+            return 1
     result["reference"] = {
         "preset": "paper", "measured": [short, long], "projected": projected,
         "note": f"timed over {n} and {2 * n} steps per stage; the difference projected to "

@@ -95,3 +95,11 @@ def photo_path(tmp_path):
     path = tmp_path / "photo.png"
     make_photo().save(path)
     return path
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The fuzz tests' seed beside their statistics, so a CI log says how to replay them."""
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"hypothesis seed: {seed} (replay: pytest "
+                                    f"--hypothesis-seed={seed} tests/test_reliability.py)")

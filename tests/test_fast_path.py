@@ -140,10 +140,15 @@ def test_stage1_in_low_precision_holds_theta_in_bf16_and_gives_the_fp32_weights_
     after = _fp32_unet(backend)
     assert all(v.dtype == torch.float32 and torch.equal(v, after[k]) for k, v in before.items())
     # close, not equal: on the CPU a norm with bf16 weights also runs its backward in bf16 (on
-    # CUDA autocast keeps norms in fp32, and only their weights are rounded)
-    torch.testing.assert_close(low, plain, rtol=2e-3, atol=0)
-    # (e moves ≈ 0.3 from e_tgt in these steps; the two runs end within 0.01 of each other)
-    torch.testing.assert_close(e_low.hidden_states, e_plain.hidden_states, rtol=0, atol=2e-2)
+    # CUDA autocast keeps norms in fp32, and only their weights are rounded). The losses agree
+    # to bf16's precision (8 significant bits, a relative step of 2^-8).
+    torch.testing.assert_close(low, plain, rtol=2**-8, atol=0)
+    # Adam moves each value by about lr a step whatever its gradient's size, so where a
+    # gradient is near 0 bf16 rounding can flip a step's sign on some CPUs: compare the
+    # embedding as a whole, as far as it moved from e_tgt, not value by value.
+    moved = (e_plain.hidden_states - e_tgt.hidden_states).norm()
+    apart = (e_low.hidden_states - e_plain.hidden_states).norm()
+    assert moved > 1 and apart < 0.1 * moved, (float(apart), float(moved))
 
 
 def test_low_precision_gives_theta_back_after_an_error_and_is_a_no_op_in_float32(

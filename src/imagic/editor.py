@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import Backend, TextCond
 from .errors import InputError
-from .images import to_square, upright_rgb
+from .images import check_size, min_side, to_square, upright_rgb
 from .presets import EditConfig, get_preset
 from .session import EditSession
 from .training import measured, train
@@ -150,7 +150,7 @@ def generate(
         start=config.start if start is None else start,
     )  # replace() re-runs the checks on η, seeds, guidance, steps, sampler and start
     session.check_model(backend)
-    check_sample_steps(backend, config.sample_steps)
+    check_sample_steps(backend, config.sample_steps, config.sampler)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
     uncond = backend.encode_text([""])
     e_tgt = session.e_tgt.map(lambda t: t.to(backend.device))
@@ -200,7 +200,8 @@ class Imagic:
         # 1. Check inputs
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
-        check_sample_steps(backend, config.sample_steps)
+        check_sample_steps(backend, config.sample_steps, config.sampler)
+        check_size(image.size, min_side=min_side(backend.resolution))
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(upright_rgb(image), backend.resolution, pad=pad)
         timings: dict[str, float] = {}
@@ -266,12 +267,17 @@ def _discard_finetune(backend: Backend) -> None:
         backend.take_delta()
 
 
-def check_sample_steps(backend: Backend, steps: int) -> None:
-    """A sampler cannot take more steps than the model's noise schedule has timesteps: say so
-    before any training rather than after it."""
-    if steps > backend.train_timesteps:
-        raise InputError(f"{steps} sampling steps: this model's schedule has "
-                         f"{backend.train_timesteps} timesteps, the most there can be")
+def check_sample_steps(backend: Backend, steps: int, sampler: str) -> None:
+    """A sampler's steps must stay on the model's noise schedule: say so before any training
+    rather than after it, with the most steps that fit."""
+    if backend.sample_steps_fit(steps, sampler):
+        return
+    most = min(steps, backend.train_timesteps)
+    while most > 1 and not backend.sample_steps_fit(most, sampler):
+        most -= 1
+    raise InputError(f"{steps} {sampler} sampling steps: this model's schedule has "
+                     f"{backend.train_timesteps} timesteps, and {most} steps is the most that "
+                     "fit on it")
 
 
 def check_text(backend: Backend, text: str) -> str:
@@ -288,12 +294,23 @@ def check_text(backend: Backend, text: str) -> str:
 
 
 def clean_text(text: str) -> str:
-    """The target text with its whitespace collapsed; an empty one is refused (it needs no
-    model, so the CLI calls it before loading one)."""
-    text = " ".join(text.split())
-    if not text:
+    """The target text with invisible characters dropped (control and format characters such
+    as zero-width spaces: the encoder would read them as noise) and its whitespace collapsed.
+    A text that is not valid UTF-8, or has nothing visible, is refused. Needs no model, so the
+    CLI calls it before loading one."""
+    if not isinstance(text, str):
+        raise InputError(f"the target text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the command line arrive as surrogates
+        raise InputError("the target text is not valid UTF-8: check the terminal's encoding "
+                         "or the file it came from") from None
+    visible = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())
+    if not visible:
         raise InputError("the target text is empty: say what the edited image should show")
-    return text
+    if visible != " ".join(text.split()):
+        warnings.warn("the text's control or invisible characters were dropped", stacklevel=3)
+    return visible
 
 
 def image_for_stage(image: Image.Image, backend, stage: str, pad: bool) -> Image.Image:

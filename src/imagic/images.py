@@ -32,14 +32,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image:
-    """Open `path` as an 8-bit RGB image, or raise InputError with the reason."""
+    """Open `path` as an 8-bit RGB image, or raise InputError with the reason. The size is
+    read from the header and checked (each side from `min_side` to MAX_SIDE) before any pixel
+    is decoded. The command line passes min_side=1 and leaves the minimum to `Imagic.fit`, which
+    knows the model's resolution (`min_side()`)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"image not found: {path}")
-    if path.is_dir():
-        raise InputError(f"expected an image file, got a folder: {path}")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "a special file"
+        raise InputError(f"expected an image file, got {kind}: {path}")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow's bomb warning: the check below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_size(img.size, name=str(path), min_side=min_side)
             img.load()
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
@@ -48,16 +56,29 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image
                     "export the frame to edit as a still image"
                 )
             image = img.copy()
+    except Image.DecompressionBombError:  # a header past twice Pillow's own pixel limit
+        raise InputError(f"{path} declares more pixels than imagic reads: each side must be "
+                         f"at most {MAX_SIDE} px; resize it") from None
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image Pillow can read") from None
     except OSError as err:
         raise InputError(f"could not read {path}: {err}") from None
-    w, h = image.size
-    if min(w, h) < min_side:
-        raise InputError(f"{path} is {w}×{h}: each side must be at least {min_side} px")
-    if max(w, h) > MAX_SIDE:
-        raise InputError(f"{path} is {w}×{h}: each side must be at most {MAX_SIDE} px; resize it")
     return upright_rgb(image, name=str(path))
+
+
+def check_size(size: tuple[int, int], name: str = "the image", min_side: int = 1) -> None:
+    """Each side between `min_side` and MAX_SIDE pixels."""
+    w, h = size
+    if min(w, h) < min_side:
+        raise InputError(f"{name} is {w}×{h}: each side must be at least {min_side} px")
+    if max(w, h) > MAX_SIDE:
+        raise InputError(f"{name} is {w}×{h}: each side must be at most {MAX_SIDE} px; resize it")
+
+
+def min_side(resolution: int) -> int:
+    """The smallest input side for a model of `resolution` px: MIN_SIDE, or the model's own
+    resolution where that is smaller (a 32×32 render for the 32×32 embedded model)."""
+    return min(MIN_SIDE, resolution)
 
 
 def upright_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -180,24 +201,56 @@ def make_grid(
 def save_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     """Write a PNG under a temporary name in the same folder, then rename it into place, so a
     crash never leaves a truncated file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """`save_atomic` for UTF-8 text."""
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_atomic(path: str | os.PathLike, write) -> None:
+    """`write(binary file)` under a temporary name beside `path`, then rename it into place
+    with the mode a plain open() gives (mkstemp's is 0600). An OSError names `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        follow_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(err, path) from None
         raise
+
+
+def write_error(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` (disk full, no permission, ...) as an OSError naming `path`: the file the user
+    asked for, not the temporary one that failed."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    read it by setting it, which a thread creating a file at that moment would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file or folder the mode a plain open() or mkdir() would (0644 and 0755 under
+    umask 022): mkstemp and mkdtemp make them private (0600, 0700)."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~umask())

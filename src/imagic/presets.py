@@ -72,10 +72,12 @@ class EditConfig:
         given = {k: v for k, v in options.items() if v is not None}
         if given.get("etas") == "auto":
             given["etas"] = AUTO_ETAS
-        if given.get("cuda_graphs") in CUDA_GRAPHS:
+        if isinstance(given.get("cuda_graphs"), str) and given["cuda_graphs"] in CUDA_GRAPHS:
             given["cuda_graphs"] = CUDA_GRAPHS[given["cuda_graphs"]]
         for key in ("etas", "seeds"):
             if key in given:
+                if not isinstance(given[key], (list, tuple)):
+                    raise InputError(f"{key} must be a list of numbers, got {given[key]!r}")
                 given[key] = tuple(given[key])
         if "timesteps_per_step" in given and "finetune_timesteps_per_step" not in given:
             given["finetune_timesteps_per_step"] = None  # one K for both stages, as asked
@@ -105,8 +107,47 @@ class EditConfig:
         return cls(**values)
 
 
+def check_types(config: EditConfig) -> None:
+    """Each field holds what its annotation says (a session file or a caller can hand over
+    anything): whole numbers where counts are meant, finite numbers where rates and scales are."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), f.type
+        if kind == "int" or kind == "int | None" and value is not None:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value)
+        elif kind == "bool" or kind == "bool | None" and value is not None:
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind.startswith("tuple["):
+            number = float if "float" in kind else int
+            ok = isinstance(value, tuple) and all(
+                isinstance(v, (int, number)) and not isinstance(v, bool)
+                and math.isfinite(v) for v in value)
+        else:
+            ok = True
+        if not ok:
+            raise InputError(f"{f.name} must be {_KINDS.get(kind, kind)}, got {value!r}")
+
+
+_KINDS = {"int": "a whole number", "int | None": "a whole number or None",
+          "float": "a finite number", "bool": "true or false", "str": "a string",
+          "bool | None": "true, false or None",
+          "tuple[float, ...]": "finite numbers", "tuple[int, ...]": "whole numbers"}
+MAX_VALUES = 1000  # η values or seeds in one config: more is a typo, not an edit
+
+
 def check_config(config: EditConfig) -> None:
     """Fail fast with one line on numbers no edit can use."""
+    check_types(config)
+    if not 0 <= config.seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and 2^63 - 1, got {config.seed}")
+    for name in ("etas", "seeds"):
+        if len(getattr(config, name)) > MAX_VALUES:
+            raise InputError(f"{len(getattr(config, name))} {name}: at most {MAX_VALUES} in "
+                             "one edit")
     for name in ("embed_steps", "finetune_steps", "aux_finetune_steps"):
         if getattr(config, name) < 0:
             raise InputError(f"{name} must be 0 or more, got {getattr(config, name)}")

@@ -157,6 +157,12 @@ class Backend(Protocol):
     def apply_delta(self, delta: Delta) -> AbstractContextManager[None]:
         """Within the `with` block the model has θ' (base + delta); after it, θ again."""
 
+    def delta_shapes(self, kind: str, lora_rank: int = 0) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every tensor a Delta of `kind` may hold for this model, found
+        without changing it: "full", θ's trainable tensors (a delta holds those that changed);
+        "lora", the weights of a fresh adapter of rank `lora_rank` (a delta holds all of them).
+        Sessions are checked against it before `apply_delta`, so nothing is ever broadcast."""
+
     def sample(
         self,
         conds: TextCond,
@@ -178,6 +184,10 @@ class Backend(Protocol):
         With `x0` (the SDEdit baseline), start from x0 noised to `strength` of the way (1: pure
         noise) and run that last part of the schedule. With `x_start` (from `invert`), every
         image starts there instead of from the generators' noise."""
+
+    def sample_steps_fit(self, steps: int, sampler: str) -> bool:
+        """Whether `sampler` can take `steps` steps on the model's noise schedule (every
+        timestep it visits lies on the schedule)."""
 
     def invert(self, x0: torch.Tensor, cond: TextCond, steps: int) -> torch.Tensor:
         """x_T: x0 run up the noise schedule by DDIM inversion (deterministic, `steps` steps,

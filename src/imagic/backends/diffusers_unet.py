@@ -248,9 +248,11 @@ class UNetBackend:
                 self.unet.unload_lora()
             return
         params = dict(self.unet.named_parameters())
-        unknown = sorted(set(delta.tensors) - set(params))
-        if unknown:
-            raise ModelError(f"the session's weights do not fit this UNet (e.g. {unknown[0]})")
+        # copy_ would broadcast a tensor of another shape: refuse it (EditSession checks first)
+        unfit = sorted(name for name, value in delta.tensors.items()
+                       if name not in params or value.shape != params[name].shape)
+        if unfit:
+            raise ModelError(f"the session's weights do not fit this UNet (e.g. {unfit[0]})")
         saved = _host_copies({name: params[name] for name in delta.tensors})
         with torch.no_grad():
             for name, value in delta.tensors.items():
@@ -262,6 +264,21 @@ class UNetBackend:
                 for name, value in saved.items():
                     params[name].copy_(value, non_blocking=True)
             _wait_for(self.device)
+
+    def delta_shapes(self, kind: str, lora_rank: int = 0) -> dict[str, tuple[int, ...]]:
+        if kind == "full":
+            return {name: tuple(p.shape) for name, p in self.unet.named_parameters()}
+        if kind != "lora":
+            raise ValueError(f"unknown delta kind {kind!r}")
+        # What peft's add_adapter makes for `_lora_config` (A: rank×in, B: out×rank on every
+        # targeted Linear), named as get_peft_model_state_dict names it, built without adding one
+        shapes = {}
+        for name, module in self.unet.named_modules():
+            targeted = any(name == t or name.endswith(f".{t}") for t in LORA_TARGETS)
+            if targeted and isinstance(module, torch.nn.Linear):
+                shapes[f"{name}.lora_A.weight"] = (lora_rank, module.in_features)
+                shapes[f"{name}.lora_B.weight"] = (module.out_features, lora_rank)
+        return shapes
 
     # -- stage 3: sampling ------------------------------------------------------------------
 
@@ -295,6 +312,18 @@ class UNetBackend:
             guided = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = scheduler.step(guided, t, x).prev_sample
         return self.decode(x)
+
+    def sample_steps_fit(self, steps: int, sampler: str) -> bool:
+        """Whether `steps` steps of `sampler` stay on the model's schedule, each at its own
+        timestep: a step offset can push the last to num_train_timesteps itself, one past the
+        end, and near the schedule's length some spacings repeat timesteps."""
+        if not 1 <= steps <= self.train_timesteps:
+            return False
+        scheduler = make_sampler(sampler, self.sampler_config)
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps.tolist()
+        return (max(timesteps) < self.train_timesteps and min(timesteps) >= 0
+                and len(set(timesteps)) == len(timesteps))
 
     @torch.no_grad()
     def invert(self, x0, cond, steps):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
-from ..editor import Imagic
+from ..editor import Imagic, check_sample_steps
 from ..errors import InputError
 from ..images import write_text_atomic
 from ..presets import EditConfig
@@ -228,6 +228,7 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
     if len(guidances) == 1:
         config, guidances = replace(config, guidance=guidances[0]), ()
     check_settings(config, etas, strengths, methods, guidances)
+    check_sample_steps(backend, config.sample_steps, config.sampler)
     out.mkdir(parents=True, exist_ok=True)
     recipe = replace(config, etas=(1.0,), seeds=(0,), start="noise")  # as run_case runs it
     settings = {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),

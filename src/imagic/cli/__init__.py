@@ -8,6 +8,8 @@ they share.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import warnings
 
@@ -66,14 +68,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imagic: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, no permission, a read-only file system, ...
+        print(f"imagic: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"imagic: error: {RAM}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         import torch  # loaded by now: only a model's work runs out of memory
 
+        first_line = (str(err).splitlines() or [""])[0]
+        if "DefaultCPUAllocator: can't allocate memory" in first_line:  # torch's MemoryError
+            print(f"imagic: error: {RAM} ({first_line.split('DefaultCPUAllocator: ')[-1]})",
+                  file=sys.stderr)
+            return 1
         if not isinstance(err, torch.OutOfMemoryError):
             raise
-        print(f"imagic: error: the GPU ran out of memory ({str(err).splitlines()[0]}); "
+        print(f"imagic: error: the GPU ran out of memory ({first_line}); "
               "--low-memory needs about half as much, and --cuda-graphs off less than on",
               file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = previous
+
+
+RAM = ("ran out of memory (RAM); --low-memory needs less, and so do fewer η and seeds at once "
+       "or a smaller model")
+# errors that only writing gives, and what to do about each
+WRITE_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EFBIG: "a limit on the size of one file (ulimit -f, or the file system's) was reached",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+}
+HINTS = {**WRITE_ERRORS, errno.EACCES: "check the permissions or write elsewhere",
+         errno.EPERM: "check the permissions or write elsewhere"}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line: what failed on which file, and what to do ("could not write imagic-out/grid.png:
+    No space left on device; free some space or write elsewhere")."""
+    reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    if err.filename is not None:
+        verb = "could not write " if err.errno in WRITE_ERRORS else ""
+        reason = f"{verb}{os.fsdecode(err.filename)}: {reason}"
+    hint = HINTS.get(err.errno)
+    return f"{reason}; {hint}" if hint else reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 from .options import (
@@ -73,12 +74,18 @@ def cmd_edit(args) -> int:
     from ..editor import Imagic, clean_text
     from ..errors import InputError
     from ..images import file_sha256, load_image
-    from ..outputs import check_out_dir, check_session_dir, time_and_memory, write_outputs
+    from ..outputs import (
+        check_out_dir,
+        check_session_dir,
+        lock_output,
+        time_and_memory,
+        write_outputs,
+    )
     from ..presets import DEFAULT_PRESET, get_preset
 
     # 1. Check every input before loading anything heavy
-    image = load_image(args.image)
-    clean_text(args.text)
+    image = load_image(args.image, min_side=1)  # the model's own minimum: in fit
+    text = clean_text(args.text)
     out = check_out_dir(args.out or "imagic-out")
     if args.no_session and args.session:
         raise InputError("--session and --no-session contradict each other; give one")
@@ -87,20 +94,33 @@ def cmd_edit(args) -> int:
     options = {**options_given(args, RECIPE, SAMPLING), "etas": args.etas, "seeds": args.seeds,
                "low_memory": args.low_memory}
     get_preset(args.preset or DEFAULT_PRESET).with_options(**options)  # fails before loading
-    # 2. Load the model (its own preset unless --preset), fit (stages 1-2), generate (stage 3)
-    backend = load_model(args, args.model)
-    config = get_preset(args.preset or backend.default_preset).with_options(**options)
-    editor = Imagic(backend, config, quiet=args.quiet)
-    session = editor.fit(image, args.text, image_sha256=file_sha256(args.image), pad=args.pad)
-    # 3. Write: the session folder first (the costly part, kept even if sampling fails), then
-    #    stage 3, auto-η's scoring, and the images, grid and manifest into --out
-    if session_dir is not None:
-        session.save(session_dir)
-    results = editor.generate(session)
-    choices = choose_etas(backend, session, results) if args.etas == "auto" else None
-    write_outputs(out, session, results, config.etas, config.seeds,
-                  {"command": "edit", "image": str(Path(args.image).resolve()),
-                   "session": str(session_dir) if session_dir else None}, choices)
+    with ExitStack() as locks:  # no other run writes these folders until this one ends
+        locks.enter_context(lock_output(out))
+        if session_dir is not None and not session_dir.resolve().is_relative_to(out.resolve()):
+            locks.enter_context(lock_output(session_dir, "--session"))
+        # 2. Load the model (its own preset unless --preset), fit (stages 1-2)
+        backend = load_model(args, args.model)
+        config = get_preset(args.preset or backend.default_preset).with_options(**options)
+        editor = Imagic(backend, config, quiet=args.quiet)
+        session = editor.fit(image, text, image_sha256=file_sha256(args.image),
+                             pad=args.pad)
+        # 3. Save the session into its place first (the costly part, kept even if a later step
+        #    fails), then stage 3, auto-η's scoring, and the images, grid and manifest into
+        #    --out: all of them or none
+        if session_dir is not None:
+            session.save(session_dir)
+        results = editor.generate(session)
+        choices = choose_etas(backend, session, results) if args.etas == "auto" else None
+        try:
+            write_outputs(out, session, results, config.etas, config.seeds,
+                          {"command": "edit", "image": str(Path(args.image).resolve()),
+                           "session": str(session_dir) if session_dir else None}, choices)
+        except OSError as err:
+            if session_dir is None:
+                raise
+            kept = (f"the session is saved in {session_dir}; `imagic generate {session_dir}` "
+                    "renders it")
+            raise OSError(err.errno, f"{err.strerror or err} ({kept})", err.filename) from None
     say(args, out, results, session_dir, choices)
     if not args.quiet:
         print(time_and_memory(session.timings))
@@ -110,7 +130,7 @@ def cmd_edit(args) -> int:
 def cmd_generate(args) -> int:
     from ..auto_eta import choose_etas
     from ..editor import Imagic
-    from ..outputs import check_render_dir, next_render_dir, write_outputs
+    from ..outputs import check_render_dir, lock_output, next_render_dir, write_outputs
     from ..session import EditSession
 
     session = EditSession.load(args.session)
@@ -118,20 +138,21 @@ def cmd_generate(args) -> int:
     stage3 = {k: v for k, v in options_given(args, SAMPLING).items() if v is not None}
     # η, seeds and sampling checked against the session's recipe before the model loads
     config = session.config.with_options(etas=args.etas, seeds=args.seeds, **stage3)
-    if args.model:
-        backend = load_model(args, args.model)
-    else:  # the session's own model, as it was loaded: revision and single-file configs too
-        saved = session.model
-        backend = load_model(args, saved.get("source"), saved.get("config"),
-                             saved.get("revision"))
-    session.check_model(backend)
-    editor = Imagic(backend, session.config, quiet=args.quiet)
-    results = editor.generate(session, config.etas, config.seeds, **stage3)
-    choices = choose_etas(backend, session, results) if args.etas == "auto" else None
-    write_outputs(out, session, results, config.etas, config.seeds,
-                  {"command": "generate", "session": str(Path(args.session).resolve())},
-                  choices, stage3,
-                  {k: v for k, v in session.timings.items() if k.startswith("generate_")})
+    with lock_output(out):  # no other run writes this folder until this one ends
+        if args.model:
+            backend = load_model(args, args.model)
+        else:  # the session's own model, as it was loaded: revision and single-file configs
+            saved = session.model
+            backend = load_model(args, saved.get("source"), saved.get("config"),
+                                 saved.get("revision"))
+        session.check_model(backend)
+        editor = Imagic(backend, session.config, quiet=args.quiet)
+        results = editor.generate(session, config.etas, config.seeds, **stage3)
+        choices = choose_etas(backend, session, results) if args.etas == "auto" else None
+        write_outputs(out, session, results, config.etas, config.seeds,
+                      {"command": "generate", "session": str(Path(args.session).resolve())},
+                      choices, stage3,
+                      {k: v for k, v in session.timings.items() if k.startswith("generate_")})
     say(args, out, results, None, choices)
     return 0
 

@@ -5,8 +5,9 @@ the recipe (stages 1–2) and stage 3's. Values are parsed here and checked belo
 from __future__ import annotations
 
 import argparse
+import math
 
-from ..presets import CUDA_GRAPHS, SAMPLERS, STARTS
+from ..presets import CUDA_GRAPHS, MAX_VALUES, SAMPLERS, STARTS
 
 # ------------------------------------------------------------------------ argument types
 
@@ -16,9 +17,11 @@ def parse_etas(text: str) -> tuple[float, ...]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
                 raise ValueError
-            count = int(round((stop - start) / step + 1e-9)) + 1
+            span = (stop - start) / step
+            _bounded(span + 1 if math.isfinite(span) else math.inf, text)  # before expanding
+            count = int(round(span + 1e-9)) + 1
             etas = tuple(round(start + i * step, 6) for i in range(count))
         else:
             etas = tuple(float(x) for x in text.split(",") if x.strip())
@@ -29,6 +32,13 @@ def parse_etas(text: str) -> tuple[float, ...]:
     if not etas:
         raise argparse.ArgumentTypeError("give at least one η")
     return etas
+
+
+def _bounded(count: float, text: str) -> None:
+    """A range gives at most MAX_VALUES values: checked before it is expanded."""
+    if count > MAX_VALUES:
+        raise argparse.ArgumentTypeError(f"{text!r} gives {count:.0f} values; at most "
+                                         f"{MAX_VALUES}")
 
 
 def parse_eta_or_auto(text: str) -> tuple[float, ...] | str:
@@ -52,6 +62,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         if ":" in text:
             first, last = (int(x) for x in text.split(":"))
+            _bounded(last - first + 1, text)  # before expanding it
             seeds = tuple(range(first, last + 1))
         else:
             seeds = tuple(int(x) for x in text.split(",") if x.strip())

@@ -95,7 +95,7 @@ def cmd_eval_shapes(args) -> int:
         write_report,
     )
 
-    check_evaluation(args.samples, args.steps, args.batch, args.json)
+    check_evaluation(args.samples, args.steps, args.batch, args.json, args.seed, args.guidance)
     backend = load_backend(args.model, device=args.device)
     require_family(backend, "pixel-cascade", "eval-shapes (32×32 ShapesWorld detectors)")
     result = text_to_image_accuracy(backend, samples=args.samples, seed=args.seed,

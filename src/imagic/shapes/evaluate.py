@@ -8,6 +8,7 @@ Everything is seeded, so two runs on the same model and device give the same num
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,12 +32,17 @@ def sample_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def check_evaluation(samples: int, steps: int, batch: int, report: str | None = None) -> None:
+def check_evaluation(samples: int, steps: int, batch: int, report: str | None = None,
+                     seed: int = 0, guidance: float = DEFAULT_GUIDANCE) -> None:
     """Numbers an evaluation can use, and a report path that can be written, checked before
     any model loads."""
     for flag, value in (("--samples", samples), ("--batch", batch), ("--steps", steps)):
         if value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= seed < 2**32:  # sample_seed multiplies it: the product must fit a generator
+        raise InputError(f"--seed must be between 0 and 2^32 - 1, got {seed}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise InputError(f"--guidance must be a finite number, 0 or more, got {guidance}")
     if report:
         target = Path(report)
         if target.is_dir() or not target.parent.is_dir():
@@ -64,7 +70,7 @@ def text_to_image_accuracy(
     changes a sample.  Returns per-attribute accuracy, the fraction with all four right, the
     detector's status counts, whether the bar is met and (with ``rows``) one row per sample.
     """
-    check_evaluation(samples, steps, batch)
+    check_evaluation(samples, steps, batch, seed=seed, guidance=guidance)
     rng = np.random.default_rng(seed)
     pairs = [random_caption_and_scene(rng) for _ in range(samples)]
     uncond = backend.encode_text([""])

@@ -87,6 +87,11 @@ class TrainConfig:
                 raise InputError(f"{flag} must be 0 or more, got {value}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be a positive number, got {self.lr}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes)
+                                                 and self.max_minutes > 0):
+            raise InputError(f"--max-minutes must be a positive number, got {self.max_minutes}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise InputError(f"--out {self.out} is a file; choose a folder")
         if self.init_from is not None and not (Path(self.init_from)
