@@ -272,6 +272,8 @@ def _move_files(staging: Path, out: Path) -> None:
 def _earlier_output(out: Path) -> set[str]:
     """The files of an earlier `imagic edit` or `imagic generate` in `out`, as its manifest
     lists them (plain names inside `out` only); empty when there is none."""
+    if not (out / MANIFEST).is_file():  # only a regular file is read: a FIFO would block
+        return set()
     try:
         manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
