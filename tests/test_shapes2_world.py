@@ -27,7 +27,6 @@ from imagic.shapes2 import (
     edit_thing,
     find_pebbles,
     identity_distance,
-    label_components,
     marking_coverage,
     match_pebbles,
     object_band,
@@ -324,21 +323,6 @@ def test_caption_grammar() -> None:
 
 
 # --------------------------------------------------------------------------- detection
-
-
-def test_label_components_matches_a_plain_search() -> None:
-    from imagic.shapes.detect import label_components as reference
-
-    rng = np.random.default_rng(0)
-    for density in (0.2, 0.45, 0.6):
-        mask = rng.random((32, 40)) < density
-        labels, n = label_components(mask)
-        ref, m = reference(mask)
-        assert n == m
-        assert np.array_equal(labels > 0, mask)
-        # The same partition: label pairs correspond one to one.
-        pairs = set(zip(labels[mask].tolist(), ref[mask].tolist()))
-        assert len(pairs) == n
 
 
 def test_detector_accuracy_on_2000_renders(scenes: list[Scene], detections: list) -> None:

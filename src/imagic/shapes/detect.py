@@ -18,12 +18,13 @@ Pipeline:
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import common
+from .common import checked_image, dilate, label_components
 from .world import (
     ATTRIBUTES,
     CELL,
@@ -79,42 +80,6 @@ def _chroma_hue(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chroma, hue
 
 
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected component labels (0 = background, 1..n) of a small boolean mask.
-
-    A plain BFS: images are 32x32, so this is a few hundred steps at most.
-    """
-    h, w = mask.shape
-    labels = np.zeros((h, w), dtype=np.int32)
-    n = 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        n += 1
-        labels[y0, x0] = n
-        queue = deque([(y0, x0)])
-        while queue:
-            y, x = queue.popleft()
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
-                        labels[yy, xx] = n
-                        queue.append((yy, xx))
-    return labels, n
-
-
-def dilate(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary dilation with numpy shifts."""
-    padded = np.pad(mask, 1)
-    out = np.zeros_like(mask)
-    h, w = mask.shape
-    for dy in range(3):
-        for dx in range(3):
-            out |= padded[dy : dy + h, dx : dx + w]
-    return out
-
-
 def _shape_features(weights: np.ndarray) -> dict[str, float]:
     """Centroid, area and normalised 3rd/4th complex moments of a soft coverage map."""
     ys, xs = np.mgrid[0 : weights.shape[0], 0 : weights.shape[1]]
@@ -158,9 +123,7 @@ def _cell(cx: float, cy: float) -> str:
 
 def detect(image: np.ndarray) -> Detection:
     """Find the object(s) in a (32, 32, 3) uint8 RGB image and read their attributes."""
-    image = np.asarray(image)
-    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {image.shape}")
+    image = checked_image(image, IMAGE_SIZE)
     chroma, hue = _chroma_hue(image)
     labels, n = label_components(chroma > CHROMA_THRESHOLD)
     areas = np.bincount(labels.ravel(), minlength=n + 1)
@@ -232,44 +195,17 @@ PEBBLE_MASS = 0.5
 PEBBLE_MATCH_PX = 1.5
 
 
-def _luminance(image: np.ndarray) -> np.ndarray:
-    rgb = image.astype(np.float64)
-    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-
-
 def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[tuple[float, float]]:
     """Centres (x, y) in pixels of the dark pebbles in a (32, 32, 3) uint8 RGB image.
 
-    The background is a linear gradient, so its luminance is fitted by a plane (least squares,
-    refitted once without the pixels far below it); a pebble is a component of pixels darker
-    than DARK_RATIO of the plane.  ``exclude`` masks pixels to ignore (the objects, with a margin
-    for their soft edges, e.g. ``dilate(object_mask(scene))``: a dark
-    purple or blue shape is no pebble).
+    :func:`imagic.shapes.common.find_pebbles` with this world's thresholds.  ``exclude`` masks
+    pixels to ignore (the objects, with a margin for their soft edges, e.g.
+    ``dilate(object_mask(scene))``: a dark purple or blue shape is no pebble).
     """
-    image = np.asarray(image)
-    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {image.shape}")
-    luma = _luminance(image)
-    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
-    design = np.stack([np.ones_like(xs), xs, ys], axis=-1)
-    use = np.ones(luma.shape, bool) if exclude is None else ~exclude
-    for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[use], luma[use], rcond=None)
-        plane = np.maximum(design @ coef, 1.0)
-        use &= luma > DARK_RATIO * plane
-    darkness = np.clip(1.0 - luma / plane, 0.0, None)  # 0 on the background, ~0.6 on a pebble
-    dark = luma < DARK_RATIO * plane
-    if exclude is not None:
-        dark &= ~exclude
-    labels, n = label_components(dark)
-    found = []
-    for i in range(1, n + 1):
-        w = np.where(labels == i, darkness, 0.0)
-        if w.max() >= PEBBLE_DEPTH and w.sum() >= PEBBLE_MASS:
-            # darkness-weighted centre, in the world's pixel coordinates (pixel i spans i..i+1)
-            found.append((float((w * xs).sum() / w.sum()) + 0.5,
-                          float((w * ys).sum() / w.sum()) + 0.5))
-    return found
+    image = checked_image(image, IMAGE_SIZE)
+    return common.find_pebbles(
+        image, exclude, dark_ratio=DARK_RATIO, depth=PEBBLE_DEPTH, mass=PEBBLE_MASS
+    )
 
 
 def match_pebbles(
@@ -277,14 +213,4 @@ def match_pebbles(
 ) -> tuple[int, int]:
     """(how many of ``expected`` have a found pebble within PEBBLE_MATCH_PX, how many found
     pebbles match none of ``expected``): greedy nearest pairs, each used once."""
-    pairs = sorted(
-        (math.hypot(ex - fx, ey - fy), i, j)
-        for i, (ex, ey) in enumerate(expected)
-        for j, (fx, fy) in enumerate(found)
-    )
-    used_e, used_f = set(), set()
-    for dist, i, j in pairs:
-        if dist <= PEBBLE_MATCH_PX and i not in used_e and j not in used_f:
-            used_e.add(i)
-            used_f.add(j)
-    return len(used_e), len(found) - len(used_f)
+    return common.match_pebbles(expected, found, match_px=PEBBLE_MATCH_PX)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .common import as_rng, gradient, sample_background_colour, sample_pebble_colour
+
 IMAGE_SIZE = 32
 SUPERSAMPLE = 8  # render geometry at 8x and box-filter down: cheap, smooth anti-aliasing
 
@@ -74,6 +76,10 @@ POSITION_JITTER = 1.0  # pixels, each axis
 HUE_JITTER = 5.0  # degrees
 MAX_ANGLE = 15.0  # degrees of rotation for squares and triangles
 EDGE_MARGIN = 0.5  # keep every object this far inside the image border
+# The background's HSV saturation and value ranges: muted and mid to dark, so it is never
+# mistaken for an object.
+BG_SATURATION = (0.05, 0.28)
+BG_VALUE = (0.3, 0.6)
 
 TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} at the {position}",
@@ -348,18 +354,6 @@ def _place_pebbles(
 # --------------------------------------------------------------------------- sampling
 
 
-def _muted_rgb(rng: np.random.Generator) -> tuple[float, float, float]:
-    """A low-saturation, mid/dark colour: never mistaken for an object."""
-    h, s, v = rng.uniform(0.0, 1.0), rng.uniform(0.05, 0.28), rng.uniform(0.3, 0.6)
-    return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
-
-
-def _as_rng(rng_or_seed: np.random.Generator | int | None) -> np.random.Generator:
-    if isinstance(rng_or_seed, np.random.Generator):
-        return rng_or_seed
-    return np.random.default_rng(rng_or_seed)
-
-
 def sample_scene(
     rng_or_seed: np.random.Generator | int | None = None,
     avoid_positions: Sequence[str] = (),
@@ -375,7 +369,7 @@ def sample_scene(
     unknown = set(fixed) - set(ATTRIBUTES)
     if unknown:
         raise TypeError(f"unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}")
-    rng = _as_rng(rng_or_seed)
+    rng = as_rng(rng_or_seed)
     attrs = {
         "shape": SHAPES[rng.integers(len(SHAPES))],
         "colour": COLOURS[rng.integers(len(COLOURS))],
@@ -393,17 +387,12 @@ def sample_scene(
         saturation=float(rng.uniform(0.8, 1.0)),
         value=float(rng.uniform(0.85, 1.0)),
         angle=float(rng.uniform(-MAX_ANGLE, MAX_ANGLE)),
-        bg_colour_a=_muted_rgb(rng),
-        bg_colour_b=_muted_rgb(rng),
+        bg_colour_a=sample_background_colour(rng, BG_SATURATION, BG_VALUE),
+        bg_colour_b=sample_background_colour(rng, BG_SATURATION, BG_VALUE),
         bg_angle=float(rng.uniform(0.0, 360.0)),
         noise_seed=int(rng.integers(2**31)),
         noise_amplitude=float(rng.uniform(2.0, 4.0)),
-        pebble_colour=tuple(  # dark grey to dark brown
-            float(c)
-            for c in colorsys.hsv_to_rgb(
-                rng.uniform(0.05, 0.1), rng.uniform(0.0, 0.4), rng.uniform(0.12, 0.22)
-            )
-        ),
+        pebble_colour=sample_pebble_colour(rng),
     )
     n_pebbles = int(rng.integers(1, 4))
     pebble_rng = np.random.default_rng(int(rng.integers(2**31)))
@@ -416,11 +405,7 @@ def sample_scene(
 
 def _background(scene: Scene) -> np.ndarray:
     """Linear gradient plus pebbles, float32 (32, 32, 3) in 0..255, without noise."""
-    theta = math.radians(scene.bg_angle)
-    c, s = math.cos(theta), math.sin(theta)
-    coords = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5 - IMAGE_SIZE / 2
-    proj = coords[None, :] * c + coords[:, None] * s
-    t = 0.5 + proj / (IMAGE_SIZE * (abs(c) + abs(s)))  # in [0, 1] over the image
+    t = gradient(IMAGE_SIZE, scene.bg_angle)
     a = np.asarray(scene.bg_colour_a, dtype=np.float32) * 255
     b = np.asarray(scene.bg_colour_b, dtype=np.float32) * 255
     img = a + (b - a) * t[..., None]
@@ -514,7 +499,7 @@ def parse_caption(text: str) -> dict[str, str | None]:
 
 def random_caption_and_scene(rng: np.random.Generator | int | None = None) -> tuple[Scene, str]:
     """A random scene and a randomly phrased caption of it (training-data convenience)."""
-    rng = _as_rng(rng)
+    rng = as_rng(rng)
     scene = sample_scene(rng)
     return scene, caption(scene, rng=rng)
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ..shapes import common
+from ..shapes.common import checked_image, dilate, erode, label_components
 from .world import (
     ATTRIBUTES,
     COLOUR_HUES,
@@ -139,72 +141,6 @@ class SceneDetection:
 
 
 # --------------------------------------------------------------------------- image helpers
-
-
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected component labels (0 = background, 1..n) of a boolean mask.
-
-    Run-length union-find: each row's runs join the overlapping runs of the row above, so the
-    Python loop runs over runs (a few hundred), not pixels.
-    """
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded, axis=1)
-    rows_s, starts = np.nonzero(edges == 1)
-    _, ends = np.nonzero(edges == -1)  # exclusive; same row order as the starts
-    parent = list(range(len(starts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    prev_lo = prev_hi = 0  # runs of the previous row: indices [prev_lo, prev_hi)
-    i = 0
-    n_runs = len(starts)
-    while i < n_runs:
-        row = rows_s[i]
-        j = i
-        while j < n_runs and rows_s[j] == row:
-            j += 1
-        if prev_hi > prev_lo and rows_s[prev_lo] == row - 1:
-            k = prev_lo
-            for r in range(i, j):
-                # 8-connectivity: runs touch if they overlap after widening by one pixel.
-                while k < prev_hi and ends[k] < starts[r]:
-                    k += 1
-                m = k
-                while m < prev_hi and starts[m] <= ends[r]:
-                    a, b = root(r), root(m)
-                    if a != b:
-                        parent[max(a, b)] = min(a, b)
-                    m += 1
-        prev_lo, prev_hi = i, j
-        i = j
-    labels = np.zeros((h, w), dtype=np.int32)
-    ids: dict[int, int] = {}
-    for r in range(n_runs):
-        label = ids.setdefault(root(r), len(ids) + 1)
-        labels[rows_s[r], starts[r] : ends[r]] = label
-    return labels, len(ids)
-
-
-def dilate(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary dilation with numpy shifts."""
-    out = mask.copy()
-    out[1:] |= mask[:-1]
-    out[:-1] |= mask[1:]
-    rows = out.copy()
-    out[:, 1:] |= rows[:, :-1]
-    out[:, :-1] |= rows[:, 1:]
-    return out
-
-
-def erode(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary erosion (outside the image counts as background)."""
-    return ~dilate(~mask)
 
 
 def _max_min(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -422,9 +358,7 @@ def _read_thing(image: np.ndarray, chroma: np.ndarray, mask: np.ndarray) -> Thin
 
 def detect(image: np.ndarray) -> SceneDetection:
     """Find every object in a (128, 128, 3) uint8 RGB image and read it."""
-    image = np.asarray(image)
-    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {image.shape}")
+    image = checked_image(image, IMAGE_SIZE)
     chroma = _chroma(image)
     labels, n = label_components(chroma > CHROMA_THRESHOLD)
     areas = np.bincount(labels.ravel(), minlength=n + 1)
@@ -525,43 +459,17 @@ PEBBLE_MASS = 2.0
 PEBBLE_MATCH_PX = 2.0
 
 
-def _luminance(image: np.ndarray) -> np.ndarray:
-    rgb = image.astype(np.float64)
-    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-
-
 def find_pebbles(image: np.ndarray, exclude: np.ndarray | None = None) -> list[tuple[float, float]]:
     """Centres (x, y) in px of the dark pebbles in a (128, 128, 3) uint8 RGB image.
 
-    The background's luminance is fitted by a plane (least squares, refitted once without the
-    pixels far below it); a pebble is a component of pixels darker than DARK_RATIO of the
-    plane.  ``exclude`` masks pixels to ignore (the objects with a margin, e.g.
-    ``dilate(detect(image).mask)``: a dark marking is no pebble).
+    :func:`imagic.shapes.common.find_pebbles` with this world's thresholds.  ``exclude`` masks
+    pixels to ignore (the objects with a margin, e.g. ``dilate(detect(image).mask)``: a dark
+    marking is no pebble).
     """
-    image = np.asarray(image)
-    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) image, got {image.shape}")
-    luma = _luminance(image)
-    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
-    design = np.stack([np.ones_like(xs), xs, ys], axis=-1)
-    use = np.ones(luma.shape, bool) if exclude is None else ~exclude
-    for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[use], luma[use], rcond=None)
-        plane = np.maximum(design @ coef, 1.0)
-        use &= luma > DARK_RATIO * plane
-    darkness = np.clip(1.0 - luma / plane, 0.0, None)
-    dark = luma < DARK_RATIO * plane
-    if exclude is not None:
-        dark &= ~exclude
-    labels, n = label_components(dark)
-    found = []
-    for i in range(1, n + 1):
-        w = np.where(labels == i, darkness, 0.0)
-        if w.max() >= PEBBLE_DEPTH and w.sum() >= PEBBLE_MASS:
-            # darkness-weighted centre, in the world's pixel coordinates (pixel i spans i..i+1)
-            found.append((float((w * xs).sum() / w.sum()) + 0.5,
-                          float((w * ys).sum() / w.sum()) + 0.5))
-    return found
+    image = checked_image(image, IMAGE_SIZE)
+    return common.find_pebbles(
+        image, exclude, dark_ratio=DARK_RATIO, depth=PEBBLE_DEPTH, mass=PEBBLE_MASS
+    )
 
 
 def match_pebbles(
@@ -569,15 +477,4 @@ def match_pebbles(
 ) -> tuple[int, int]:
     """(how many of ``expected`` have a found pebble within PEBBLE_MATCH_PX, how many found
     pebbles match none of ``expected``): greedy nearest pairs, each used once."""
-    pairs = sorted(
-        (math.hypot(ex - fx, ey - fy), i, j)
-        for i, (ex, ey) in enumerate(expected)
-        for j, (fx, fy) in enumerate(found)
-    )
-    used_e, used_f = set(), set()
-    for dist, i, j in pairs:
-        if dist <= PEBBLE_MATCH_PX and i not in used_e and j not in used_f:
-            used_e.add(i)
-            used_f.add(j)
-    return len(used_e), len(found) - len(used_f)
-
+    return common.match_pebbles(expected, found, match_px=PEBBLE_MATCH_PX)

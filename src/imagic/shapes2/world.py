@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from ..shapes.common import as_rng, gradient, sample_background_colour, sample_pebble_colour
+
 IMAGE_SIZE = 128
 SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down: smooth, cheap anti-aliasing
 
@@ -74,6 +76,10 @@ DROP = 3.0  # an object's base lies within +-DROP px of the ground line
 MAX_HEIGHT = 38.0  # no object is taller than this (checked by the tests)
 RIGID_MAX_ANGLE = 12.0  # degrees
 PEBBLE_GAP = 3.0  # px between a pebble and the band where objects can stand
+# The background's HSV saturation and value ranges: muted mid greys, never mistaken for an
+# object or a pebble.
+BG_SATURATION = (0.03, 0.15)
+BG_VALUE = (0.42, 0.62)
 
 PREFIXES: tuple[str, ...] = ("", "a photo of ", "an image of ", "there is ", "a picture of ")
 
@@ -590,12 +596,6 @@ def object_band(ground: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------- sampling
 
 
-def _as_rng(rng_or_seed: np.random.Generator | int | None) -> np.random.Generator:
-    if isinstance(rng_or_seed, np.random.Generator):
-        return rng_or_seed
-    return np.random.default_rng(rng_or_seed)
-
-
 # Marks per kind, in marking-frame units: spot radius and stripe half-width ranges, how far
 # from the centre a stripe's centre may lie, the gap kept between two marks (about 2 px on the
 # smallest objects, so marks never merge when read) and between a spot and the rim (~1 px).
@@ -676,7 +676,7 @@ def sample_thing(
     unknown = set(fixed) - {"kind", "pose", "colour", "size"}
     if unknown:
         raise TypeError(f"unknown attributes {sorted(unknown)}; expected kind, pose, colour, size")
-    rng = _as_rng(rng_or_seed)
+    rng = as_rng(rng_or_seed)
     attrs: dict[str, Any] = {
         "kind": KINDS[rng.integers(len(KINDS))],
         "pose": POSES[rng.integers(len(POSES))],
@@ -707,12 +707,6 @@ def sample_thing(
     proportions = proportions if posed else ()
     marks = _sample_marks(attrs["kind"], marking, proportions, np.random.default_rng(mark_seed))
     return Thing(**attrs, **latent, marking=marking, marks=marks, proportions=proportions)
-
-
-def _muted_rgb(rng: np.random.Generator) -> tuple[float, float, float]:
-    """A low-saturation mid-grey colour: never mistaken for an object or a pebble."""
-    h, s, v = rng.uniform(0.0, 1.0), rng.uniform(0.03, 0.15), rng.uniform(0.42, 0.62)
-    return tuple(float(c) for c in colorsys.hsv_to_rgb(h, s, v))  # type: ignore[return-value]
 
 
 def _place_pebbles(
@@ -746,7 +740,7 @@ def sample_scene(
     Each slot's object comes from its own seed, drawn whatever the count, so two scenes of one
     seed that share a slot share that object; the background does not depend on the objects.
     """
-    rng = _as_rng(rng_or_seed)
+    rng = as_rng(rng_or_seed)
     slot_seeds = [int(s) for s in rng.integers(2**31, size=len(POSITIONS))]
     drawn_count = int(rng.integers(1, len(POSITIONS) + 1))
     order = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))]
@@ -769,19 +763,14 @@ def sample_scene(
     scene = Scene(
         things=things,
         ground=ground,
-        bg_colour_a=_muted_rgb(rng),
-        bg_colour_b=_muted_rgb(rng),
+        bg_colour_a=sample_background_colour(rng, BG_SATURATION, BG_VALUE),
+        bg_colour_b=sample_background_colour(rng, BG_SATURATION, BG_VALUE),
         bg_angle=float(rng.uniform(0.0, 360.0)),
         texture_seed=int(rng.integers(2**31)),
         texture_amplitude=float(rng.uniform(3.0, 6.0)),
         noise_seed=int(rng.integers(2**31)),
         noise_amplitude=float(rng.uniform(2.0, 4.0)),
-        pebble_colour=tuple(  # dark grey to dark brown
-            float(c)
-            for c in colorsys.hsv_to_rgb(
-                rng.uniform(0.05, 0.1), rng.uniform(0.0, 0.4), rng.uniform(0.12, 0.22)
-            )
-        ),
+        pebble_colour=sample_pebble_colour(rng),
     )
     n_pebbles = int(rng.integers(3, 7))
     pebbles = _place_pebbles(ground, np.random.default_rng(int(rng.integers(2**31))), n_pebbles)
@@ -863,11 +852,7 @@ def _background_arrays(key: tuple) -> tuple[np.ndarray, np.ndarray]:
     """
     bg_colour_a, bg_colour_b, bg_angle, texture_seed, texture_amplitude, noise_seed, \
         noise_amplitude, pebbles, pebble_colour = key
-    theta = math.radians(bg_angle)
-    c, s = math.cos(theta), math.sin(theta)
-    coords = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5 - IMAGE_SIZE / 2
-    proj = coords[None, :] * c + coords[:, None] * s
-    t = 0.5 + proj / (IMAGE_SIZE * (abs(c) + abs(s)))  # in [0, 1] over the image
+    t = gradient(IMAGE_SIZE, bg_angle)
     texture = _texture(texture_seed, texture_amplitude)
     img = np.empty((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for i, (a, b) in enumerate(zip(bg_colour_a, bg_colour_b)):
@@ -992,6 +977,6 @@ def parse_caption(text: str) -> list[dict[str, str | None]]:
 
 def random_caption_and_scene(rng: np.random.Generator | int | None = None) -> tuple[Scene, str]:
     """A random scene and a randomly phrased caption of it (training-data convenience)."""
-    rng = _as_rng(rng)
+    rng = as_rng(rng)
     scene = sample_scene(rng)
     return scene, caption(scene, rng=rng)
