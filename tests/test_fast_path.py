@@ -37,9 +37,9 @@ def _spy_on_loss(monkeypatch):
     seen = []
     draw = UNetBackend.draw
 
-    def spy(self, x0, generator, batch=1):
+    def spy(self, x0, generator, batch=1, stage="base"):
         seen.append(batch)
-        return draw(self, x0, generator, batch=batch)
+        return draw(self, x0, generator, batch=batch, stage=stage)
 
     monkeypatch.setattr(UNetBackend, "draw", spy)
     return seen

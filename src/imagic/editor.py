@@ -99,8 +99,8 @@ def finetune(
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
     return train(
         backend, config, params, lr,
-        draw=lambda: backend.draw(x0, generator, batch=k),  # (t, ε)
-        loss_at=lambda t, noise: backend.loss_at(x0, cond, t, noise, stage=stage),  # L(x0, e, θ)
+        draw=lambda: backend.draw(x0, generator, batch=k, stage=stage),  # (t, ε, …)
+        loss_at=lambda *drawn: backend.loss_at(x0, cond, *drawn, stage=stage),  # L(x0, e, θ)
         steps=steps, label="stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}",
         quiet=quiet,
     )
@@ -169,6 +169,7 @@ def generate(
             images = backend.sample(
                 conds, uncond, generators, config.sample_steps, config.guidance,
                 sampler=config.sampler, x_start=x_start,
+                stage_conds=TextCond.cat([e_tgt] * len(chunk)),  # super-resolution: e_tgt
             )
             results += [EditImage(eta, seed, img) for (seed, eta), img in zip(chunk, images)]
             bar.update(len(chunk))
@@ -201,9 +202,9 @@ class Imagic:
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
         check_sample_steps(backend, config.sample_steps, config.sampler)
-        check_size(image.size, min_side=min_side(backend.resolution))
+        check_size(image.size, min_side=min_side(backend.output_resolution))
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
-        square = to_square(upright_rgb(image), backend.resolution, pad=pad)
+        square = to_square(upright_rgb(image), backend.output_resolution, pad=pad)
         timings: dict[str, float] = {}
         with measured(timings, "encode", backend.device):
             x0 = backend.encode_image(square)
@@ -215,11 +216,11 @@ class Imagic:
         #    super-resolution stages on e_tgt. take_delta() restores the base model.
         with measured(timings, "stage2", backend.device):
             try:
-                losses2 = finetune(backend, x0, e_opt, config, quiet=self.quiet)
-                for stage in backend.auxiliary_stages:
-                    x0_stage = backend.encode_image(image_for_stage(image, backend, stage, pad),
-                                                    stage)
-                    finetune(backend, x0_stage, e_tgt, config, stage=stage, quiet=self.quiet)
+                losses = {"stage2": finetune(backend, x0, e_opt, config, quiet=self.quiet)}
+                for stage in backend.auxiliary_stages:  # the input at the stage's resolution
+                    x0_stage = backend.encode_image(square, stage)
+                    losses[f"stage2_{stage}"] = finetune(backend, x0_stage, e_tgt, config,
+                                                         stage=stage, quiet=self.quiet)
             except BaseException:  # out of memory, Ctrl-C, …: give the base model back first
                 _discard_finetune(backend)
                 raise
@@ -234,7 +235,7 @@ class Imagic:
             image_sha256=image_sha256 or image_hash(square),
             input_image=square,
             timings=timings,
-            losses={"stage1": losses1, "stage2": losses2},
+            losses={"stage1": losses1, **losses},
         )
 
     def generate(
@@ -311,11 +312,6 @@ def clean_text(text: str) -> str:
     if visible != " ".join(text.split()):
         warnings.warn("the text's control or invisible characters were dropped", stacklevel=3)
     return visible
-
-
-def image_for_stage(image: Image.Image, backend, stage: str, pad: bool) -> Image.Image:
-    """The input at the resolution of a cascade's stage (its `stage_resolution`)."""
-    return to_square(image.convert("RGB"), backend.stage_resolution(stage), pad=pad)
 
 
 def image_hash(image: Image.Image) -> str:

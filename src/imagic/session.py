@@ -126,7 +126,7 @@ class EditSession:
         if delta.kind == "lora" and missing:  # an adapter is applied whole
             raise unfit("delta.safetensors", f"{missing[0]} of {model} is missing "
                         f"({len(missing)} of {len(shapes)} tensors missing)")
-        side = backend.resolution
+        side = backend.output_resolution
         if self.input_image.size != (side, side):
             width, height = self.input_image.size
             raise unfit("input.png", f"it is {width}×{height}; the model's images are "

@@ -78,7 +78,9 @@ class Backend(Protocol):
     """One model family, as the three stages of Imagic need it.
 
     Attributes a backend sets:
-    - `resolution`: pixels of the square image it edits;
+    - `resolution`: pixels of the square image the base model works at (stages 1 and 2);
+    - `output_resolution`: pixels of the square images it makes and edits (a cascade's last
+      super-resolution stage; `resolution` for every other family);
     - `prediction_type`: "epsilon" or "v_prediction";
     - `max_text_tokens`, `device`;
     - `train_timesteps`: the noise schedule's length, the most sampling steps there can be;
@@ -90,6 +92,7 @@ class Backend(Protocol):
     """
 
     resolution: int
+    output_resolution: int
     prediction_type: str
     max_text_tokens: int
     train_timesteps: int
@@ -104,8 +107,12 @@ class Backend(Protocol):
     def encode_text(self, texts: Sequence[str]) -> TextCond:
         """e for each text (paper: e_tgt), batched, on the device, no gradient."""
 
+    def stage_resolution(self, stage: str) -> int:
+        """Pixels of the square image `stage` ("base" or an auxiliary stage) works at."""
+
     def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
-        """x0: the image in the model space of `stage` (SD: VAE latent mean × scaling factor)."""
+        """x0: the image in the model space of `stage` (SD: VAE latent mean × scaling factor;
+        a cascade: the pixels at the stage's resolution)."""
 
     def loss(
         self,
@@ -116,14 +123,15 @@ class Backend(Protocol):
         stage: str = "base",
     ) -> torch.Tensor:
         """L(x0, e, θ) = E_t,ε ‖target − f_θ(x_t, t, e)‖² over `batch` draws of (t, ε):
-        `loss_at(x0, cond, *draw(x0, generator, batch), stage)`."""
+        `loss_at(x0, cond, *draw(x0, generator, batch, stage), stage=stage)`."""
 
     def draw(
-        self, x0: torch.Tensor, generator: torch.Generator, batch: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x0: torch.Tensor, generator: torch.Generator, batch: int = 1, stage: str = "base"
+    ) -> tuple[torch.Tensor, ...]:
         """`batch` draws (t, ε) for the loss, on the device: t uniform over the training
-        timesteps, ε standard normal in x0's shape. Every draw comes from `generator` (a CPU
-        generator), so a seed gives the same draws on any device."""
+        timesteps, ε standard normal in x0's shape; a cascade's super-resolution stage adds the
+        augmentation level and noise of its conditioning image. Every draw comes from
+        `generator` (a CPU generator), so a seed gives the same draws on any device."""
 
     def loss_at(
         self,
@@ -131,11 +139,13 @@ class Backend(Protocol):
         cond: TextCond,
         t: torch.Tensor,
         noise: torch.Tensor,
+        *more: torch.Tensor,
         stage: str = "base",
     ) -> torch.Tensor:
-        """The loss at given draws: mean ‖target − f_θ(x_t, t, e)‖², x_t = x0 noised by ε to t,
-        target ε or v by `prediction_type`. Only device work, no host synchronisation, so the
-        engine can record it in a CUDA graph and replay it with new draws copied into t, ε."""
+        """The loss at given draws (`draw`'s tuple, in order): mean ‖target − f_θ(x_t, t, e)‖²,
+        x_t = x0 noised by ε to t, target ε or v by `prediction_type`. Only device work, no
+        host synchronisation, so the engine can record it in a CUDA graph and replay it with
+        new draws copied into its inputs."""
 
     def trainable_parameters(
         self, mode: str, lora_rank: int = 4, stage: str = "base"
@@ -175,6 +185,7 @@ class Backend(Protocol):
         strength: float = 1.0,
         sampler: str = "ddim",
         x_start: torch.Tensor | None = None,
+        stage_conds: TextCond | None = None,
     ) -> list[Image.Image]:
         """Stage 3: one image per row of `conds`, classifier-free guided against `uncond`; the
         initial noise of image i comes from `generators[i]` alone, so batching never changes it.
@@ -183,7 +194,9 @@ class Backend(Protocol):
 
         With `x0` (the SDEdit baseline), start from x0 noised to `strength` of the way (1: pure
         noise) and run that last part of the schedule. With `x_start` (from `invert`), every
-        image starts there instead of from the generators' noise."""
+        image starts there instead of from the generators' noise. A cascade then runs its
+        super-resolution stages conditioned on `stage_conds` (the paper: e_tgt; None: `conds`),
+        from more noise drawn from the same generators; other families ignore it."""
 
     def sample_steps_fit(self, steps: int, sampler: str) -> bool:
         """Whether `sampler` can take `steps` steps on the model's noise schedule (every

@@ -1,52 +1,189 @@
-"""Pixel-space diffusion (the Imagen family the paper's main results used): the UNet works on the
-image itself, so x0 is the image in [−1, 1] and sampling needs no decoder.
+"""Pixel-space diffusion cascades (the Imagen family the paper's main results used): each UNet
+works on the image itself, so x0 is the image in [−1, 1] and sampling needs no decoder.
 
-The embedded ShapesWorld model is a one-stage cascade at 32×32. Cascades with super-resolution
-stages (DeepFloyd IF) list them in `auxiliary_stages`; the engine then fine-tunes each of them on
-the input at its resolution, conditioned on e_tgt, as the paper does (§3.1).
+A cascade is a base text-to-image model at a low resolution and super-resolution stages, each a
+UNet that denoises the image at its own resolution given the previous stage's image (Imagen,
+Saharia et al. 2022, §2.4): that image, upsampled and concatenated to x_t as extra channels, is
+first noised to an augmentation level that the UNet also reads ("noise conditioning
+augmentation"), so the stage learns to ignore the previous stage's artefacts. Every stage reads
+the same text encoder. The engine fine-tunes each super-resolution stage on the input at its
+resolution, conditioned on e_tgt, as the paper does (§3.1), and stage 3 samples the base at ē and
+then every super-resolution stage at e_tgt.
 
-A model folder holds `imagic_model.json` and diffusers/transformers component folders:
-`unet/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+The embedded ShapesWorld model is a cascade of one stage (32×32). A model folder holds
+`imagic_model.json` and diffusers/transformers component folders: `unet/`, `text_encoder/`,
+`tokenizer/`, `scheduler/`, and one UNet folder per super-resolution stage, named after it
+(e.g. `sr128/`) and described under "stages" in `imagic_model.json`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ModelError
 from ..images import to_pil, to_tensor
-from .diffusers_unet import UNetBackend, weights_fingerprint
+from .base import TextCond
+from .diffusers_unet import UNetBackend, make_sampler, weights_fingerprint
 
 MODEL_FILE = "imagic_model.json"
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "shapes-32"
 EMBEDDED_SOURCE = "imagic:shapes-32"  # how sessions name the embedded model (no path: it moves)
 
 
+@dataclass
+class SuperResolution:
+    """One super-resolution stage and how it samples (from `imagic_model.json`)."""
+
+    unet: torch.nn.Module  # reads x_t, the previous image upsampled and the coordinates;
+    # its class label is the augmentation level (diffusers' class_embed_type "timestep")
+    resolution: int  # pixels of its square images
+    noise_level: int  # the augmentation timestep its conditioning image gets when sampling
+    max_noise_level: int  # training (and stage 2) draw the level uniformly from 0 to this
+    sample_steps: int  # its sampler's steps (at most the base's)
+    guidance: float  # its classifier-free guidance scale
+
+
 class PixelCascadeBackend(UNetBackend):
-    """A pixel-space text-to-image UNet with a CLIP text encoder (one stage for now)."""
+    """A pixel-space text-to-image UNet with a CLIP text encoder, and its super-resolution
+    stages."""
 
     family = "pixel-cascade"
     default_preset = "shapes"  # presets.py: tuned for the embedded ShapesWorld model
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype,
-                 coord_channels: int = 0):
+                 coord_channels: int = 0, stages: dict[str, SuperResolution] | None = None):
         super().__init__(unet, text_encoder, tokenizer, scheduler_config, identity, device, dtype)
         self.resolution = self.unet.config.sample_size
         self.coord_channels = coord_channels
+        self.stages = dict(stages or {})
+        for stage in self.stages.values():
+            stage.unet.to(device, torch.float32)
+            stage.unet.requires_grad_(False)
+            stage.unet.eval()
+        self.auxiliary_stages = tuple(self.stages)
+
+    def stage_unets(self) -> dict[str, torch.nn.Module]:
+        return {"base": self.unet, **{name: s.unet for name, s in self.stages.items()}}
+
+    def stage_resolution(self, stage: str) -> int:
+        self._stage_unet(stage)
+        return self.resolution if stage == "base" else self.stages[stage].resolution
 
     def unet_input(self, x: torch.Tensor) -> torch.Tensor:
         return add_coordinates(x) if self.coord_channels else x
 
     def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
-        """x0 = the pixels in [−1, 1]."""
-        return to_tensor(image).to(self.device)
+        """x0 = the pixels in [−1, 1] at the stage's resolution (an input at the cascade's
+        output resolution is area-averaged down to the base's, as training made its images)."""
+        x = to_tensor(image).to(self.device)
+        return resize(x, self.stage_resolution(stage))
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         return to_pil(x)
+
+    # -- the super-resolution stages --------------------------------------------------------
+
+    def _previous_resolution(self, stage: str) -> int:
+        names = ["base", *self.stages]
+        return self.stage_resolution(names[names.index(stage) - 1])
+
+    def predict(self, stage, x_t, t, hidden, extra=()):
+        if stage == "base":
+            return super().predict(stage, x_t, t, hidden)
+        low, level = extra  # the previous image, noised and upsampled; its noise level
+        model_input = self.unet_input(torch.cat([x_t, low], dim=1))
+        return self.stages[stage].unet(model_input, t, encoder_hidden_states=hidden,
+                                       class_labels=level).sample
+
+    def conditioning(self, stage: str, low: torch.Tensor, level: torch.Tensor,
+                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `stage` reads of the previous image `low`: noised to timestep `level` by the
+        model's schedule, then upsampled (bilinear) to the stage's resolution."""
+        noised = self.noise_scheduler.add_noise(low, noise, level)
+        return resize(noised, self.stage_resolution(stage)), level
+
+    def draw(self, x0, generator, batch=1, stage="base"):
+        """(t, ε), and for a super-resolution stage also the augmentation level and noise of
+        its conditioning image, all from `generator`."""
+        t, noise = super().draw(x0, generator, batch)
+        if stage == "base":
+            return t, noise
+        side = self._previous_resolution(stage)
+        level = torch.randint(0, self.stages[stage].max_noise_level + 1, (batch,),
+                              generator=generator)
+        low_noise = torch.randn((batch, x0.shape[1], side, side), generator=generator)
+        return t, noise, self._upload(level), self._upload(low_noise)
+
+    def loss_at(self, x0, cond, t, noise, level=None, low_noise=None, stage="base", extra=()):
+        """The loss of `stage`; a super-resolution stage reads x0 itself brought down to the
+        previous stage's resolution (area average) as its conditioning image."""
+        if stage == "base":
+            return super().loss_at(x0, cond, t, noise)
+        low = resize(x0, self._previous_resolution(stage)).expand(t.shape[0], -1, -1, -1)
+        extra = self.conditioning(stage, low, level, low_noise)
+        return super().loss_at(x0, cond, t, noise, stage=stage, extra=extra)
+
+    @torch.no_grad()
+    def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
+               strength=1.0, sampler="ddim", x_start=None, stage_conds=None):
+        """The base at `conds` (SDEdit and inversion starts apply to it), then every
+        super-resolution stage at `stage_conds` (the paper: e_tgt; default `conds`), each from
+        fresh noise drawn from the same per-image generators."""
+        x = self.sample_base(conds, uncond, generators, steps, guidance, progress, x0,
+                             strength, sampler, x_start)
+        for name in self.stages:
+            x = self.upsample(name, x.clamp(-1, 1), stage_conds or conds, uncond, generators,
+                              steps, sampler, progress)
+        return self.decode(x)
+
+    @torch.no_grad()
+    def upsample(self, stage: str, low: torch.Tensor, conds: TextCond, uncond: TextCond,
+                 generators, steps: int, sampler: str = "ddim",
+                 progress: bool = False) -> torch.Tensor:
+        """One super-resolution stage: `low` (the previous stage's images) → this stage's."""
+        sr = self.stages[stage]
+        side, n = sr.resolution, len(generators)
+        noise = torch.cat([torch.randn((1, 3, side, side), generator=g) for g in generators])
+        low_noise = torch.cat([torch.randn((1, *low.shape[1:]), generator=g)
+                               for g in generators])
+        level = torch.full((n,), sr.noise_level, dtype=torch.long, device=self.device)
+        extra = self.conditioning(stage, low, level, low_noise.to(self.device))
+        scheduler = make_sampler(sampler, self.sampler_config)
+        scheduler.set_timesteps(min(steps, sr.sample_steps), device=self.device)
+        x = noise.to(self.device) * scheduler.init_noise_sigma
+        return self.denoise(stage, scheduler, x, scheduler.timesteps, conds, uncond,
+                            sr.guidance, progress, extra)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = super().parameter_counts()
+        for name, stage in self.stages.items():
+            counts[name] = sum(p.numel() for p in stage.unet.parameters())
+        return counts
+
+    def info(self) -> dict:
+        info = super().info()
+        info["stages"] = {
+            name: {"resolution": s.resolution, "noise_level": s.noise_level,
+                   "sample_steps": s.sample_steps, "guidance": s.guidance}
+            for name, s in self.stages.items()
+        }
+        return info
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Images (N×C×H×W) at side×side: area-averaged down (as training makes the base's images),
+    bilinear up (as Imagen upsamples a super-resolution stage's conditioning image)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    if side < x.shape[-1]:
+        return F.interpolate(x, size=(side, side), mode="area")
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
 
 
 def add_coordinates(x: torch.Tensor) -> torch.Tensor:
@@ -79,13 +216,24 @@ def load_pixel_model(path: str | Path, device: torch.device, dtype: torch.dtype,
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = DDPMScheduler.load_config(path / "scheduler")
-    except (OSError, ValueError, KeyError) as err:
+        stages = {}
+        for name, spec in meta.get("stages", {}).items():
+            if not name.isidentifier() or name == "base":
+                raise ValueError(f"a stage cannot be named {name!r}")
+            stages[name] = SuperResolution(
+                unet=UNet2DConditionModel.from_pretrained(path / name, use_safetensors=True),
+                resolution=int(spec["resolution"]), noise_level=int(spec["noise_level"]),
+                max_noise_level=int(spec["max_noise_level"]),
+                sample_steps=int(spec["sample_steps"]), guidance=float(spec["guidance"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{path} is not a complete imagic model folder: {err}") from None
     identity = {
         "source": source or str(path.resolve()),
         "name": meta.get("name"),
         "revision": meta.get("revision"),
-        "fingerprint": weights_fingerprint(unet, text_encoder),
+        "fingerprint": weights_fingerprint(unet, text_encoder,
+                                           *(s.unet for s in stages.values())),
     }
     return PixelCascadeBackend(unet, text_encoder, tokenizer, scheduler_config, identity,
-                               device, dtype, coord_channels=meta.get("coord_channels", 0))
+                               device, dtype, coord_channels=meta.get("coord_channels", 0),
+                               stages=stages)

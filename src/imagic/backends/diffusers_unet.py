@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +60,35 @@ class UNetBackend:
             raise ModelError(f"prediction type {self.prediction_type!r} is not supported")
         self.max_text_tokens = tokenizer.model_max_length
         self.train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        self._backup: dict[str, torch.Tensor] | None = None  # θ before stage 2 (full mode)
+        # Per stage that stage 2 is training: ("full", θ before it) or ("lora", the rank)
+        self._trained: dict[str, tuple[str, object]] = {}
         self._fp32_copies: dict[str, torch.Tensor] | None = None  # θ while stage 1 holds it in bf16
         self._in_low_precision = False
-        self._lora_rank = 0
 
     # -- what a family provides -------------------------------------------------------------
 
     resolution: int
+
+    @property
+    def output_resolution(self) -> int:
+        """Pixels of the square images the model makes: the last stage's resolution."""
+        return self.stage_resolution((*self.stage_unets(),)[-1])
+
+    def stage_resolution(self, stage: str) -> int:
+        """Pixels of the square image `stage` works at."""
+        self._stage_unet(stage)
+        return self.resolution
+
+    def stage_unets(self) -> dict[str, torch.nn.Module]:
+        """Every stage's UNet in sampling order: the base model's ("base"), then a cascade's
+        super-resolution stages."""
+        return {"base": self.unet}
+
+    def _stage_unet(self, stage: str) -> torch.nn.Module:
+        unets = self.stage_unets()
+        if stage not in unets:
+            raise ValueError(f"{self.family} has no stage {stage!r}")
+        return unets[stage]
 
     def encode_image(self, image: Image.Image, stage: str = "base") -> torch.Tensor:
         raise NotImplementedError
@@ -79,6 +100,12 @@ class UNetBackend:
     def unet_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the UNet reads besides x_t (none here; the ShapesWorld model adds coordinates)."""
         return x
+
+    def predict(self, stage: str, x_t: torch.Tensor, t, hidden: torch.Tensor,
+                extra: tuple = ()) -> torch.Tensor:
+        """f_θ(x_t, t, e) of `stage`'s UNet; `extra` is what a super-resolution stage also
+        reads (backends/cascade.py)."""
+        return self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -117,16 +144,16 @@ class UNetBackend:
     # -- the loss of stages 1 and 2 -----------------------------------------------------------
 
     def loss(self, x0, cond, generator, batch=1, stage="base"):
-        return self.loss_at(x0, cond, *self.draw(x0, generator, batch), stage=stage)
+        return self.loss_at(x0, cond, *self.draw(x0, generator, batch, stage), stage=stage)
 
-    def draw(self, x0, generator, batch=1):
+    def draw(self, x0, generator, batch=1, stage="base"):
         # Drawn on the CPU generator, then moved: one seed gives the same t and ε on any device.
         steps = self.noise_scheduler.config.num_train_timesteps
         t = self._upload(torch.randint(0, steps, (batch,), generator=generator))
         noise = self._upload(torch.randn((batch, *x0.shape[1:]), generator=generator))
         return t, noise
 
-    def loss_at(self, x0, cond, t, noise, stage="base"):
+    def loss_at(self, x0, cond, t, noise, stage="base", extra=()):
         self._settle()
         batch = t.shape[0]
         x0 = x0.expand(batch, -1, -1, -1)
@@ -139,50 +166,62 @@ class UNetBackend:
         # no autocast weight cache, as PyTorch's CUDA-graph tools require (make_graphed_callables
         # refuses it); each weight is cast once per forward pass either way
         with self._autocast(cache_enabled=False):
-            prediction = self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
+            prediction = self.predict(stage, x_t, t, hidden, extra)
         return F.mse_loss(prediction.float(), target)
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
 
     def trainable_parameters(self, mode, lora_rank=4, stage="base"):
-        if stage != "base":
-            raise ValueError(f"{self.family} has no stage {stage!r}")
+        unet = self._stage_unet(stage)
         self._settle()
         if mode == "lora":
-            self.unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
-            self._lora_rank = lora_rank
-            return [p for p in self.unet.parameters() if p.requires_grad]
-        self._backup = _host_copies(dict(self.unet.named_parameters()))
-        self.unet.requires_grad_(True)
-        return list(self.unet.parameters())
+            unet.add_adapter(self._lora_config(lora_rank), adapter_name=ADAPTER)
+            self._trained[stage] = ("lora", lora_rank)
+            return [p for p in unet.parameters() if p.requires_grad]
+        self._trained[stage] = ("full", _host_copies(dict(unet.named_parameters())))
+        unet.requires_grad_(True)
+        return list(unet.parameters())
 
     def take_delta(self) -> Delta:
+        """Every trained stage's weights in one Delta (a super-resolution stage's tensor names
+        start with "STAGE/"), each stage put back as it was loaded."""
         from peft.utils import get_peft_model_state_dict
 
-        if self._backup is None:  # LoRA: the adapter's weights, then remove the adapter
-            tensors = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
-            delta = Delta("lora", {k: v.detach().cpu().clone() for k, v in tensors.items()},
-                          lora_rank=self._lora_rank)
-            self.unet.unload_lora()
-        else:  # full: the tensors that changed, then restore θ exactly
-            delta = Delta("full")
-            params = dict(self.unet.named_parameters())
-            with torch.no_grad():
-                for name, now in _host_copies(params).items():
-                    if not torch.equal(now, self._backup[name]):
-                        delta.tensors[name] = now
-                        params[name].copy_(self._backup[name], non_blocking=True)
-            _wait_for(self.device)  # the backup may be freed only once it is copied back
-            self._backup = None
-        self.unet.requires_grad_(False)
+        if not self._trained:
+            raise RuntimeError("no stage was fine-tuned")
+        kinds = {kind for kind, _ in self._trained.values()}
+        delta = Delta(kinds.pop() if len(kinds) == 1 else "mixed")
+        for stage, unet in self.stage_unets().items():
+            if stage not in self._trained:
+                continue
+            kind, saved = self._trained.pop(stage)
+            prefix = stage_prefix(stage)
+            if kind == "lora":  # the adapter's weights, then remove the adapter
+                tensors = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+                delta.tensors |= {prefix + k: v.detach().cpu().clone()
+                                  for k, v in tensors.items()}
+                delta.lora_rank = saved
+                unet.unload_lora()
+            else:  # full: the tensors that changed, then restore θ exactly
+                params = dict(unet.named_parameters())
+                with torch.no_grad():
+                    for name, now in _host_copies(params).items():
+                        if not torch.equal(now, saved[name]):
+                            delta.tensors[prefix + name] = now
+                            params[name].copy_(saved[name], non_blocking=True)
+                _wait_for(self.device)  # the backup may be freed only once it is copied back
+            unet.requires_grad_(False)
+        if delta.kind == "mixed":
+            raise RuntimeError("stages were fine-tuned in different modes")
         return delta
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         # diffusers checkpoints whenever gradients are enabled, in eval mode too
-        if enabled:
-            self.unet.enable_gradient_checkpointing()
-        else:
-            self.unet.disable_gradient_checkpointing()
+        for unet in self.stage_unets().values():
+            if enabled:
+                unet.enable_gradient_checkpointing()
+            else:
+                unet.disable_gradient_checkpointing()
 
     @contextmanager
     def frozen_in_low_precision(self) -> Iterator[None]:
@@ -231,60 +270,52 @@ class UNetBackend:
 
     @contextmanager
     def apply_delta(self, delta: Delta) -> Iterator[None]:
-        from peft import set_peft_model_state_dict
-
         self._settle()
-        if delta.kind == "lora":
-            # add_adapter draws starting weights (replaced at once) from the global generator:
-            # leave the caller's random state as it was
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
-                                       else []):
-                self.unet.add_adapter(self._lora_config(delta.lora_rank), adapter_name=ADAPTER)
-            set_peft_model_state_dict(self.unet, delta.tensors, adapter_name=ADAPTER)
-            self.unet.requires_grad_(False)
-            try:
-                yield
-            finally:
-                self.unet.unload_lora()
-            return
-        params = dict(self.unet.named_parameters())
-        # copy_ would broadcast a tensor of another shape: refuse it (EditSession checks first)
-        unfit = sorted(name for name, value in delta.tensors.items()
-                       if name not in params or value.shape != params[name].shape)
-        if unfit:
-            raise ModelError(f"the session's weights do not fit this UNet (e.g. {unfit[0]})")
-        saved = _host_copies({name: params[name] for name in delta.tensors})
-        with torch.no_grad():
-            for name, value in delta.tensors.items():
-                params[name].copy_(value, non_blocking=True)
-        try:
+        unets = self.stage_unets()
+        by_stage: dict[str, dict[str, torch.Tensor]] = {}
+        for name, value in delta.tensors.items():
+            stage, _, local = name.rpartition("/")
+            by_stage.setdefault(stage or "base", {})[local] = value
+        unknown = sorted(set(by_stage) - set(unets))
+        if unknown:
+            raise ModelError(f"the session's weights are for a stage {unknown[0]!r} this model "
+                             "does not have")
+        with ExitStack() as stack:
+            for stage, tensors in by_stage.items():
+                apply = _apply_lora if delta.kind == "lora" else _apply_full
+                stack.enter_context(apply(self, unets[stage], tensors, delta.lora_rank))
             yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value, non_blocking=True)
-            _wait_for(self.device)
 
     def delta_shapes(self, kind: str, lora_rank: int = 0) -> dict[str, tuple[int, ...]]:
-        if kind == "full":
-            return {name: tuple(p.shape) for name, p in self.unet.named_parameters()}
-        if kind != "lora":
+        if kind not in ("full", "lora"):
             raise ValueError(f"unknown delta kind {kind!r}")
-        # What peft's add_adapter makes for `_lora_config` (A: rank×in, B: out×rank on every
-        # targeted Linear), named as get_peft_model_state_dict names it, built without adding one
         shapes = {}
-        for name, module in self.unet.named_modules():
-            targeted = any(name == t or name.endswith(f".{t}") for t in LORA_TARGETS)
-            if targeted and isinstance(module, torch.nn.Linear):
-                shapes[f"{name}.lora_A.weight"] = (lora_rank, module.in_features)
-                shapes[f"{name}.lora_B.weight"] = (module.out_features, lora_rank)
+        for stage, unet in self.stage_unets().items():
+            prefix = stage_prefix(stage)
+            if kind == "full":
+                shapes |= {prefix + name: tuple(p.shape) for name, p in unet.named_parameters()}
+                continue
+            # What peft's add_adapter makes for `_lora_config` (A: rank×in, B: out×rank on every
+            # targeted Linear), named as get_peft_model_state_dict names it, without adding one
+            for name, module in unet.named_modules():
+                targeted = any(name == t or name.endswith(f".{t}") for t in LORA_TARGETS)
+                if targeted and isinstance(module, torch.nn.Linear):
+                    shapes[f"{prefix}{name}.lora_A.weight"] = (lora_rank, module.in_features)
+                    shapes[f"{prefix}{name}.lora_B.weight"] = (module.out_features, lora_rank)
         return shapes
 
     # -- stage 3: sampling ------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0, sampler="ddim", x_start=None):
+               strength=1.0, sampler="ddim", x_start=None, stage_conds=None):
+        return self.decode(self.sample_base(conds, uncond, generators, steps, guidance, progress,
+                                            x0, strength, sampler, x_start))
+
+    @torch.no_grad()
+    def sample_base(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
+                    strength=1.0, sampler="ddim", x_start=None) -> torch.Tensor:
+        """Stage 3 on the base model: `sample` before decoding (the UNet's space)."""
         if x0 is not None and x_start is not None:
             raise ValueError("give x0 (SDEdit) or x_start (an inversion), not both")
         self._settle()
@@ -303,15 +334,28 @@ class UNetBackend:
             else:  # SDEdit (Meng et al. 2022): noise x0 to the strength's timestep, denoise
                 timesteps = timesteps[steps - max(1, round(steps * strength)):]
                 x = scheduler.add_noise(x0.expand(n, -1, -1, -1), x, timesteps[:1].repeat(n))
-        hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), conds.hidden_states])
+        return self.denoise("base", scheduler, x, timesteps, conds, uncond, guidance, progress)
+
+    def denoise(self, stage: str, scheduler, x: torch.Tensor, timesteps, conds: TextCond,
+                uncond: TextCond, guidance: float, progress: bool = False,
+                extra: tuple = ()) -> torch.Tensor:
+        """The sampler's loop for `stage` from x, classifier-free guided: ε̂ = ε(∅) + w·(ε(e) −
+        ε(∅)); at guidance 1 that is ε(e), and the unconditional half is not run."""
+        n = x.shape[0]
+        guided = guidance != 1
+        hidden = conds.hidden_states
+        if guided:
+            hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), hidden])
+            extra = tuple(torch.cat([e, e]) for e in extra)
         for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
-            model_input = self.unet_input(scheduler.scale_model_input(torch.cat([x, x]), t))
+            model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             with self._autocast():
-                prediction = self.unet(model_input, t, encoder_hidden_states=hidden).sample
-            uncond_pred, cond_pred = prediction.float().chunk(2)
-            guided = uncond_pred + guidance * (cond_pred - uncond_pred)
-            x = scheduler.step(guided, t, x).prev_sample
-        return self.decode(x)
+                prediction = self.predict(stage, model_input, t, hidden, extra).float()
+            if guided:
+                uncond_pred, cond_pred = prediction.chunk(2)
+                prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
+            x = scheduler.step(prediction, t, x).prev_sample
+        return x
 
     def sample_steps_fit(self, steps: int, sampler: str) -> bool:
         """Whether `steps` steps of `sampler` stay on the model's schedule, each at its own
@@ -363,6 +407,54 @@ class UNetBackend:
             "text_embedding": self.text_encoder.config.hidden_size,
             "parameters": self.parameter_counts(),
         }
+
+
+def stage_prefix(stage: str) -> str:
+    """How a Delta names a stage's tensors: the base model's as they are, a super-resolution
+    stage's as "STAGE/name"."""
+    return "" if stage == "base" else f"{stage}/"
+
+
+@contextmanager
+def _apply_full(backend: UNetBackend, unet, tensors: dict[str, torch.Tensor],
+                rank: int) -> Iterator[None]:
+    """`unet` with the delta's trained values in place of its own, put back afterwards."""
+    params = dict(unet.named_parameters())
+    # copy_ would broadcast a tensor of another shape: refuse it (EditSession checks first)
+    unfit = sorted(name for name, value in tensors.items()
+                   if name not in params or value.shape != params[name].shape)
+    if unfit:
+        raise ModelError(f"the session's weights do not fit this UNet (e.g. {unfit[0]})")
+    saved = _host_copies({name: params[name] for name in tensors})
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value, non_blocking=True)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value, non_blocking=True)
+        _wait_for(backend.device)
+
+
+@contextmanager
+def _apply_lora(backend: UNetBackend, unet, tensors: dict[str, torch.Tensor],
+                rank: int) -> Iterator[None]:
+    """`unet` with the delta's LoRA adapter, removed afterwards."""
+    from peft import set_peft_model_state_dict
+
+    # add_adapter draws starting weights (replaced at once) from the global generator: leave
+    # the caller's random state as it was
+    with torch.random.fork_rng(devices=[backend.device] if backend.device.type == "cuda"
+                               else []):
+        unet.add_adapter(backend._lora_config(rank), adapter_name=ADAPTER)
+    set_peft_model_state_dict(unet, tensors, adapter_name=ADAPTER)
+    unet.requires_grad_(False)
+    try:
+        yield
+    finally:
+        unet.unload_lora()
 
 
 def make_sampler(name: str, config):

@@ -9,6 +9,8 @@ TRAIN_EXAMPLE = """examples:
   imagic train-shapes --out shapes-run --device cuda --max-minutes 8 --seed 5
                                                  (the run that made the embedded model)
   imagic train-shapes --out shapes-run --resume --steps 30000   (continue a stopped run)
+  imagic train-shapes --world 2 --out shapes2-run --device cuda --max-minutes 9
+                                                 (the ShapesWorld 2 cascade, 32 px + 128 px)
   then: imagic eval-shapes --model shapes-run/model"""
 EVAL_EXAMPLE = """example:
   imagic eval-shapes --model shapes-run/model --samples 500 --json eval.json
@@ -22,13 +24,16 @@ def register(sub) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     train_p = sub.add_parser(
         "train-shapes", help="train the ShapesWorld text-to-image model from scratch",
-        description="Train the 32×32 ShapesWorld model on images rendered on the fly. Writes "
-                    "train_log.jsonl, samples/, a resumable checkpoint/ and the exported "
-                    "model/ to --out.",
+        description="Train a ShapesWorld model on images rendered on the fly: world 1, the "
+                    "32×32 model; world 2, the cascade of a 32×32 base and a 32→128 "
+                    "super-resolution stage. Writes train_log.jsonl, samples/, a resumable "
+                    "checkpoint/ and the exported model/ to --out.",
         epilog=TRAIN_EXAMPLE, formatter_class=raw,
     )
     defaults = TrainConfig()
     train_p.add_argument("--out", required=True, help="output folder")
+    train_p.add_argument("--world", type=int, choices=(1, 2), default=1,
+                         help="1: ShapesWorld, 32×32 (default); 2: ShapesWorld 2, the cascade")
     train_p.add_argument("--steps", type=int, default=defaults.steps,
                          help=f"total optimizer steps (default {defaults.steps})")
     train_p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 32 on the CPU")
@@ -74,13 +79,16 @@ def register(sub) -> None:
 
 def cmd_train_shapes(args) -> int:
     from ..shapes import train as training
+    from ..shapes2.model import CascadeConfig
 
+    world2 = args.world == 2
     config = training.TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
         snr_gamma=args.snr_gamma or None, command=" ".join(["imagic", *sys.argv[1:]]),
+        model=CascadeConfig() if world2 else training.ModelConfig(),
     )
     training.train(config)
     return 0
@@ -88,20 +96,29 @@ def cmd_train_shapes(args) -> int:
 
 def cmd_eval_shapes(args) -> int:
     from ..backends import load_backend, require_family
+    from ..errors import InputError
     from ..shapes.evaluate import (
         check_evaluation,
         markdown_table,
         text_to_image_accuracy,
         write_report,
     )
+    from ..shapes2 import evaluate as world2
 
     check_evaluation(args.samples, args.steps, args.batch, args.json, args.seed, args.guidance)
     backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "eval-shapes (32×32 ShapesWorld detectors)")
-    result = text_to_image_accuracy(backend, samples=args.samples, seed=args.seed,
-                                    guidance=args.guidance, steps=args.steps, batch=args.batch,
-                                    rows=bool(args.json), progress=not args.quiet)
-    print(markdown_table(result))
+    require_family(backend, "pixel-cascade", "eval-shapes (the ShapesWorld detectors)")
+    # the world is the one whose images the model makes: 32 px ShapesWorld, 128 px ShapesWorld 2
+    worlds = {32: (text_to_image_accuracy, markdown_table),
+              128: (world2.text_to_image_accuracy, world2.markdown_table)}
+    if backend.output_resolution not in worlds:
+        raise InputError(f"eval-shapes scores ShapesWorld models (32 or 128 px images); this "
+                         f"one makes {backend.output_resolution} px images")
+    accuracy, table = worlds[backend.output_resolution]
+    result = accuracy(backend, samples=args.samples, seed=args.seed, guidance=args.guidance,
+                      steps=args.steps, batch=args.batch, rows=bool(args.json),
+                      progress=not args.quiet)
+    print(table(result))
     if args.json:
         write_report(result, args.json)
     return 0

@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,20 +127,22 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
 class ShapesStream(torch.utils.data.IterableDataset):
     """Batches for steps start, start+1, ..., end-1; worker w of W renders steps ≡ w (mod W).
 
-    The DataLoader reads workers round-robin, so batches arrive in step order.
+    The DataLoader reads workers round-robin, so batches arrive in step order. `make_batch` is a
+    world's `batch_for_step` (a module-level function, so worker processes can receive it).
     """
 
     def __init__(self, seed: int, start: int, end: int, batch_size: int, dropout: float,
-                 timesteps: int):
+                 timesteps: int, make_batch: Callable[..., dict] = batch_for_step):
         super().__init__()
         self.seed, self.start, self.end = seed, start, end
         self.batch_size, self.dropout, self.timesteps = batch_size, dropout, timesteps
+        self.make_batch = make_batch
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + worker, self.end, workers):
-            yield batch_for_step(self.seed, step, self.batch_size, self.dropout, self.timesteps)
+            yield self.make_batch(self.seed, step, self.batch_size, self.dropout, self.timesteps)
 
 
 # --------------------------------------------------------------------------- files
@@ -223,7 +225,16 @@ def _fixed_prompts(count: int = 16) -> list[str]:
 
 
 class Trainer:
-    """Holds the models, the optimizer and the EMA; `run` trains, checkpoints and exports."""
+    """Holds the models, the optimizer and the EMA; `run` trains, checkpoints and exports.
+
+    A world's trainer (this one: ShapesWorld's one-stage model; `imagic.shapes2.train`: the
+    cascade) says which models it trains (`build_models`), what a batch is (`make_batch`), its
+    loss (`batch_loss`), how it samples and draws its grids, and what its export adds.
+    """
+
+    model_name = MODEL_NAME
+    description = "ShapesWorld 32×32 pixel-space text-to-image model (imagic)"
+    make_batch = staticmethod(batch_for_step)
 
     def __init__(self, config: TrainConfig):
         from ..backends import resolve_device
@@ -243,19 +254,19 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(config.seed)
-        self.unet, self.text_encoder, self.tokenizer, self.scheduler = build_model(config.model)
-        for module in (self.unet, self.text_encoder):
+        self.models, self.tokenizer, self.scheduler = self.build_models()
+        for module in self.models.values():
             module.to(self.device).train()
         # channels_last: oneDNN's convolutions (forward and backward) run faster with it on the
         # CPU (docs/models/shapes.md)
         self.channels_last = not cuda
         if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            for name, module in self.models.items():
+                if name != "text_encoder":
+                    module.to(memory_format=torch.channels_last)
         if config.init_from and not config.resume:
             self.warm_start(Path(config.init_from))
-        self.params = {f"{prefix}.{k}": v
-                       for prefix, module in (("unet", self.unet),
-                                              ("text_encoder", self.text_encoder))
+        self.params = {f"{prefix}.{k}": v for prefix, module in self.models.items()
                        for k, v in module.named_parameters()}
         self.ema = {k: v.detach().clone() for k, v in self.params.items()}
         self.optimizer = torch.optim.AdamW(
@@ -267,6 +278,19 @@ class Trainer:
         self.samples_seen = 0
         self.elapsed = 0.0  # training seconds over all invocations
 
+    def build_models(self):
+        """({name: module} of everything trained, the tokenizer, the noise scheduler)."""
+        unet, text_encoder, tokenizer, scheduler = build_model(self.config.model)
+        return {"unet": unet, "text_encoder": text_encoder}, tokenizer, scheduler
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.models["unet"]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.models["text_encoder"]
+
     @torch.no_grad()
     def warm_start(self, folder: Path) -> None:
         """Copy an exported model's weights in. A UNet input layer that grew (coordinate channels
@@ -274,16 +298,20 @@ class Trainer:
         model first computes exactly what the old one did (as SD inpainting models are made)."""
         from safetensors.torch import load_file
 
-        unet_weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-        text_weights = load_file(folder / "text_encoder" / "model.safetensors")
-        own = self.unet.state_dict()
-        for name, value in unet_weights.items():
-            if own[name].shape != value.shape:  # conv_in: more input channels now
-                grown = torch.zeros_like(own[name])
-                grown[:, : value.shape[1]] = value
-                unet_weights[name] = grown
-        self.unet.load_state_dict(unet_weights)
-        self.text_encoder.load_state_dict(text_weights, strict=False)
+        for name, module in self.models.items():
+            file = "model.safetensors" if name == "text_encoder" else \
+                "diffusion_pytorch_model.safetensors"
+            weights = load_file(folder / name / file)
+            if name == "text_encoder":
+                module.load_state_dict(weights, strict=False)
+                continue
+            own = module.state_dict()
+            for key, value in weights.items():
+                if own[key].shape != value.shape:  # conv_in: more input channels now
+                    grown = torch.zeros_like(own[key])
+                    grown[:, : value.shape[1]] = value
+                    weights[key] = grown
+            module.load_state_dict(weights)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -317,11 +345,15 @@ class Trainer:
         snr = self.alphas[t] / (1 - self.alphas[t])
         return snr.clamp(max=self.config.snr_gamma) / snr
 
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        """The loss a step minimises: the weighted mean of the per-sample losses."""
+        losses, t = self.sample_losses(batch)
+        return (losses * self.loss_weights(t)).mean()
+
     def train_step(self, batch: dict) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        losses, t = self.sample_losses(batch)
-        loss = (losses * self.loss_weights(t)).mean()
+        loss = self.batch_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), self.config.grad_clip)
@@ -339,34 +371,48 @@ class Trainer:
 
     # -- EMA copies, samples and export --------------------------------------------------
 
-    def ema_models(self):
-        """Deep copies of the UNet and the text encoder carrying the EMA weights."""
-        unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+    def ema_models(self) -> dict[str, torch.nn.Module]:
+        """Deep copies of every trained model carrying the EMA weights."""
+        copies = {name: copy.deepcopy(module) for name, module in self.models.items()}
         with torch.no_grad():
-            for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
+            for prefix, module in copies.items():
                 for name, p in module.named_parameters():
-                    p.copy_(self.ema[prefix + name])
+                    p.copy_(self.ema[f"{prefix}.{name}"])
                     p.grad = None
-        unet.to(memory_format=torch.contiguous_format)  # safetensors saves contiguous tensors
-        return unet.eval(), text_encoder.eval()
+                # safetensors saves contiguous tensors
+                module.to(memory_format=torch.contiguous_format)
+        return {name: module.eval() for name, module in copies.items()}
 
     def ema_backend(self):
         from ..backends.cascade import PixelCascadeBackend
 
-        unet, text_encoder = self.ema_models()
+        models = self.ema_models()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        identity = {"source": str(self.out), "name": MODEL_NAME, "revision": f"step{self.step}"}
-        return PixelCascadeBackend(unet, text_encoder, self.tokenizer, self.scheduler.config,
-                                   identity, self.device, dtype,
-                                   coord_channels=self.config.model.coord_channels)
+        identity = {"source": str(self.out), "name": self.model_name,
+                    "revision": f"step{self.step}"}
+        return PixelCascadeBackend(models["unet"], models["text_encoder"], self.tokenizer,
+                                   self.scheduler.config, identity, self.device, dtype,
+                                   coord_channels=self.config.model.coord_channels,
+                                   stages=self.stages(models))
+
+    def stages(self, models: dict[str, torch.nn.Module]) -> dict:
+        """The super-resolution stages of the EMA models (`backends.cascade.SuperResolution`)."""
+        return {}
+
+    def fixed_prompts(self) -> list[str]:
+        return _fixed_prompts()
+
+    def sample_grid(self, images, prompts: list[str], title: str):
+        return sample_grid(images, prompts, title)
 
     def write_samples(self) -> Path:
         backend = self.ema_backend()
-        prompts = _fixed_prompts()
+        prompts = self.fixed_prompts()
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = backend.sample(backend.encode_text(prompts), backend.encode_text([""]),
                                 generators, self.config.sample_steps, self.config.guidance)
-        grid = sample_grid(images, prompts, f"step {self.step}, guidance {self.config.guidance:g}")
+        grid = self.sample_grid(images, prompts,
+                                f"step {self.step}, guidance {self.config.guidance:g}")
         path = self.out / "samples" / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from ..images import save_atomic
@@ -378,22 +424,22 @@ class Trainer:
         """OUT/model: the layout `load_pixel_model` reads, with the EMA weights."""
         final = self.out / "model"
         tmp = _atomic_dir(final)
-        unet, text_encoder = self.ema_models()
-        unet.to("cpu").save_pretrained(tmp / "unet", safe_serialization=True)
-        text_encoder.to("cpu").save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        models = self.ema_models()
+        for name, module in models.items():  # each in its folder: unet/, text_encoder/, sr128/
+            module.to("cpu").save_pretrained(tmp / name, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         self.scheduler.save_pretrained(tmp / "scheduler")
         weights = tmp / "unet" / "diffusion_pytorch_model.safetensors"
         from ..session import library_versions
 
         meta = {
-            "name": MODEL_NAME,
+            "name": self.model_name,
             "revision": file_sha256(weights)[:12],
-            "description": "ShapesWorld 32×32 pixel-space text-to-image model (imagic)",
+            "description": self.description,
             "coord_channels": self.config.model.coord_channels,
+            **self.export_meta(),
             "initialised_from": self.config.init_from,
-            "parameters": {"unet": parameter_count(unet),
-                           "text_encoder": parameter_count(text_encoder)},
+            "parameters": {name: parameter_count(m) for name, m in models.items()},
             "training": {
                 "steps": self.step,
                 "samples_seen": self.samples_seen,
@@ -405,7 +451,6 @@ class Trainer:
                 "caption_dropout": self.config.caption_dropout,
                 "snr_gamma": self.config.snr_gamma,
                 "seed": self.config.seed,
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": self.config.command,
                 "versions": library_versions(),
             },
@@ -417,6 +462,10 @@ class Trainer:
         _commit_dir(tmp, final)
         return final
 
+    def export_meta(self) -> dict:
+        """What a world adds to `imagic_model.json` (a cascade: its "stages")."""
+        return {}
+
     # -- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
@@ -424,8 +473,8 @@ class Trainer:
 
         final = self.out / "checkpoint"
         tmp = _atomic_dir(final)
-        save_file(_cpu_tensors(self.unet.state_dict()), tmp / "unet.safetensors")
-        save_file(_cpu_tensors(self.text_encoder.state_dict()), tmp / "text_encoder.safetensors")
+        for name, module in self.models.items():
+            save_file(_cpu_tensors(module.state_dict()), tmp / f"{name}.safetensors")
         save_file(_cpu_tensors(self.ema), tmp / "ema.safetensors")
         tensors, optim_meta = _optimizer_to_files(self.optimizer)
         save_file(tensors, tmp / "optimizer.safetensors")
@@ -459,9 +508,8 @@ class Trainer:
             print(f"note: resuming with batch size {self.batch_size} and seed {self.config.seed} "
                   f"(checkpoint: {state['batch_size']}, {state['seed']})", file=sys.stderr)
         dev = self.device
-        self.unet.load_state_dict(load_file(path / "unet.safetensors", device=str(dev)))
-        self.text_encoder.load_state_dict(
-            load_file(path / "text_encoder.safetensors", device=str(dev)))
+        for name, module in self.models.items():
+            module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(dev)))
         ema = load_file(path / "ema.safetensors", device=str(dev))
         if ema.keys() != self.ema.keys():
             raise ValueError(f"{path}: EMA weights do not match the model")
@@ -491,12 +539,13 @@ class Trainer:
         # the log as far as the checkpoint (a run that died before its first one: empty)
         _truncate_log(self.out / "train_log.jsonl", self.step)
         if not cfg.quiet:
+            sizes = " + ".join(f"{name} {parameter_count(m):,}"
+                               for name, m in self.models.items())
             print(f"device {_device_name(self.device)}, batch {self.batch_size}, "
-                  f"workers {self.workers}, unet {parameter_count(self.unet):,} + text encoder "
-                  f"{parameter_count(self.text_encoder):,} parameters, "
-                  f"step {self.step}/{cfg.steps}")
+                  f"workers {self.workers}, parameters {sizes}, step {self.step}/{cfg.steps}")
         stream = ShapesStream(cfg.seed, self.step, cfg.steps, self.batch_size,
-                              cfg.caption_dropout, self.scheduler.config.num_train_timesteps)
+                              cfg.caption_dropout, self.scheduler.config.num_train_timesteps,
+                              self.make_batch)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
@@ -580,8 +629,13 @@ def sample_grid(images, prompts: list[str], title: str, columns: int = 4):
 
 
 def train(config: TrainConfig) -> Path:
-    """Train (or resume) and export; returns the exported model folder."""
-    return Trainer(config).run()
+    """Train (or resume) and export; returns the exported model folder. The model config says
+    which world: a `ModelConfig`, ShapesWorld's model; a `CascadeConfig`, ShapesWorld 2's."""
+    from ..shapes2.model import CascadeConfig
+    from ..shapes2.train import CascadeTrainer
+
+    trainer = CascadeTrainer if isinstance(config.model, CascadeConfig) else Trainer
+    return trainer(config).run()
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU slot of ShapesWorld 2 cascade training, on the offline GPU machine, from the repo root:
+#   bash scripts/gpu_train_shapes2.sh SLOT [MINUTES]
+# SLOT (1, 2, ...) seeds the slot's data; MINUTES (default 7) is its training budget. The slot
+# continues from the committed model in training/shapes2/model when there is one (a warm start:
+# the weights carry over, the optimizer and its warm-up start again), trains, scores
+# text-to-image on 200 captions, and leaves in $OUT (or ./gpu-out): model.tar.part-aa, -ab, ...
+# (the export, in parts under the machine's 16 MiB per returned file), train_log.jsonl,
+# samples.png, eval.json and run.txt. Back here: scripts/gpu_unpack_shapes2.sh FOLDER SLOT.
+# Needs the diffusers wheel in .whl/ (scripts/gpu_wheels.sh makes it; carry .whl). A dry run on
+# a CPU: DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=4 bash scripts/gpu_train_shapes2.sh 1 0.2
+set -euo pipefail
+SLOT=${1:?give the slot number}
+MINUTES=${2:-7}
+OUT=${OUT:-gpu-out}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+EVAL_SAMPLES=${EVAL_SAMPLES:-200}
+mkdir -p "$OUT"
+if [ -f ../shared/gpu/device_env.sh ]; then
+  source ../shared/gpu/device_env.sh
+else  # the same set-up as ../shared/gpu/device_env.sh, where that folder did not travel
+  SITE=$(mktemp -d)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+  export PYTHONPATH=$SITE:$PWD/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+fi
+RUN=$(mktemp -d)/run
+INIT=()
+[ -f training/shapes2/model/imagic_model.json ] && INIT=(--init-from training/shapes2/model)
+{
+  nvidia-smi -L || true
+  "$PYTHON" -m imagic.cli train-shapes --world 2 --out "$RUN" --device "$DEVICE" --seed "$SLOT" \
+      --max-minutes "$MINUTES" --checkpoint-every 1000000 --sample-every 0 "${INIT[@]}"
+  "$PYTHON" -m imagic.cli eval-shapes --model "$RUN/model" --device "$DEVICE" \
+      --samples "$EVAL_SAMPLES" \
+      --steps 50 --batch 100 --quiet --json "$OUT/eval.json"
+} 2>&1 | tee "$OUT/run.txt"
+cp "$RUN/train_log.jsonl" "$OUT/train_log.jsonl"
+cp "$(ls "$RUN"/samples/*.png | tail -1)" "$OUT/samples.png"
+tar -C "$RUN" -cf - model | split -b 15m - "$OUT/model.tar.part-"
+ls -l "$OUT"

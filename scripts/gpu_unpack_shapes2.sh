@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# After a GPU slot: put its model and records into training/shapes2/ (to commit):
+#   scripts/gpu_unpack_shapes2.sh FOLDER SLOT     (FOLDER: where the slot's $OUT files came back)
+# The model replaces training/shapes2/model (the next slot starts from it); the log, samples and
+# evaluation are kept per slot.
+set -euo pipefail
+FROM=${1:?give the folder the slot's files came back in}
+SLOT=${2:?give the slot number}
+cd "$(dirname "$0")/.."
+DEST=training/shapes2
+mkdir -p "$DEST"
+TMP=$(mktemp -d)
+cat "$FROM"/model.tar.part-* | tar -C "$TMP" -xf -
+rm -rf "$DEST/model" && mv "$TMP/model" "$DEST/model"
+cp "$FROM/train_log.jsonl" "$DEST/train_log-slot$SLOT.jsonl"
+cp "$FROM/samples.png" "$DEST/samples-slot$SLOT.png"
+cp "$FROM/eval.json" "$DEST/eval-slot$SLOT.json"
+cp "$FROM/run.txt" "$DEST/run-slot$SLOT.txt"
+ls -l "$DEST" "$DEST/model"

@@ -1,0 +1,216 @@
+"""The pixel cascade (base + super-resolution stage) through the engine, on a tiny ShapesWorld 2
+cascade trained here for a few steps: it loads and samples at 128 px, stage 2 fine-tunes the
+super-resolution stage on the input conditioned on e_tgt and gives its weights back exactly, the
+session holds every stage's delta and re-renders bit for bit, and the world-2 trainer resumes
+exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagic import EditConfig, EditSession, Imagic, load_backend
+from imagic.backends.base import TextCond
+from imagic.backends.cascade import PixelCascadeBackend, resize
+from imagic.errors import SessionError
+from imagic.shapes.train import TrainConfig
+from imagic.shapes2 import render, sample_scene
+from imagic.shapes2.model import SR_STAGE, CascadeConfig, build_models, longest_caption_tokens
+from imagic.shapes2.train import CascadeTrainer
+
+TINY = CascadeConfig(base_channels=(8, 16, 16), sr_channels=(8, 8, 16, 16), norm_num_groups=4,
+                     text_hidden_size=16, text_layers=1, text_heads=2, attention_head_dim=4,
+                     sr_sample_steps=3)
+TEXT = "a large red cat sitting on the left"
+# a short recipe through both stages of stage 2
+RECIPE = EditConfig(embed_steps=2, finetune_steps=2, aux_finetune_steps=3, finetune_lr=1e-3,
+                    aux_finetune_lr=1e-3, sample_steps=4, etas=(0.5, 1.0), seeds=(0, 1),
+                    guidance=2.0)
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    base = dict(out=str(out), steps=4, batch_size=2, log_every=1, checkpoint_every=2,
+                sample_every=0, sample_steps=2, model=TINY, quiet=True, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """4 training steps of the tiny cascade, in one go."""
+    out = tmp_path_factory.mktemp("cascade") / "straight"
+    CascadeTrainer(tiny_config(out)).run()
+    return out
+
+
+@pytest.fixture
+def backend(run):
+    return load_backend(str(run / "model"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.fromarray(render(sample_scene(3)))
+
+
+def stage_weights(backend) -> dict[str, torch.Tensor]:
+    return {f"{stage}/{k}": v.clone() for stage, unet in backend.stage_unets().items()
+            for k, v in unet.state_dict().items()}
+
+
+def test_default_cascade_fits_the_package_and_reads_every_caption():
+    unet, sr_unet, text_encoder, tokenizer, _ = build_models()
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (unet, sr_unet, text_encoder)]
+    assert sum(sizes) * 4 <= 30e6  # fp32 safetensors, beside the 10 MB first model: <= 40 MB
+    assert sr_unet.config.in_channels == 3 + 3 + 2  # x_t, the upsampled 32 px image, coordinates
+    assert sr_unet.config.class_embed_type == "timestep"  # the augmentation level
+    assert longest_caption_tokens(tokenizer) <= tokenizer.model_max_length
+
+
+def test_export_describes_the_stage_and_loads_as_a_cascade(run, backend):
+    meta = json.loads((run / "model" / "imagic_model.json").read_text())
+    assert meta["stages"] == TINY.stage_meta()
+    assert "date" not in meta["training"]  # a model's files say what it is, not when
+    assert isinstance(backend, PixelCascadeBackend)
+    assert backend.auxiliary_stages == (SR_STAGE,)
+    assert (backend.resolution, backend.output_resolution) == (32, 128)
+    assert backend.info()["stages"][SR_STAGE]["resolution"] == 128
+
+
+def test_cascade_samples_128_px_the_same_for_the_same_seed_in_any_batch(backend):
+    texts = backend.encode_text([TEXT, "a small blue square on the right"])
+    uncond = backend.encode_text([""])
+    pair = backend.sample(texts, uncond, [torch.Generator().manual_seed(s) for s in (4, 5)], 3, 2.0)
+    alone = backend.sample(TextCond(texts.hidden_states[1:]), uncond,
+                           [torch.Generator().manual_seed(5)], 3, 2.0)
+    assert [im.size for im in pair] == [(128, 128)] * 2
+    np.testing.assert_allclose(np.asarray(pair[1], float), np.asarray(alone[0], float), atol=1)
+
+
+def test_the_super_resolution_stage_reads_its_conditioning_image(backend):
+    """Its input is x_t beside the 32 px image noised and upsampled; another image, another
+    prediction (so the stage is conditioned, not a second text-to-image model)."""
+    x0 = torch.rand(1, 3, 128, 128) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    t, noise, level, low_noise = backend.draw(x0, g, batch=2, stage=SR_STAGE)
+    assert level.shape == (2,) and int(level.max()) <= TINY.sr_max_noise_level
+    assert low_noise.shape == (2, 3, 32, 32) and noise.shape == (2, 3, 128, 128)
+    e = backend.encode_text([TEXT])
+    with torch.no_grad():
+        same = backend.loss_at(x0, e, t, noise, level, low_noise, stage=SR_STAGE)
+        again = backend.loss_at(x0, e, t, noise, level, low_noise, stage=SR_STAGE)
+        other = backend.loss_at(x0.flip(-1), e, t, noise, level, low_noise, stage=SR_STAGE)
+    assert float(same) == float(again) and float(same) != float(other)
+
+
+def test_the_base_trains_on_the_input_area_averaged_to_32_px(backend, photo):
+    x0 = backend.encode_image(photo)
+    assert x0.shape == (1, 3, 32, 32)
+    full = backend.encode_image(photo, SR_STAGE)
+    assert full.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(x0, resize(full, 32))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_edit_fine_tunes_both_stages_and_gives_every_weight_back(backend, photo, mode, tmp_path):
+    before = stage_weights(backend)
+    config = RECIPE if mode == "full" else RECIPE.with_options(finetune="lora")
+    editor = Imagic(backend, config, quiet=True)
+    session = editor.fit(photo, TEXT)
+    assert set(session.losses) == {"stage1", "stage2", f"stage2_{SR_STAGE}"}
+    assert len(session.losses[f"stage2_{SR_STAGE}"]) == RECIPE.aux_finetune_steps
+    stages = {name.rpartition("/")[0] or "base" for name in session.delta.tensors}
+    assert stages == {"base", SR_STAGE}  # the session holds every stage's delta
+    assert session.input_image.size == (128, 128)
+    images = editor.generate(session)
+    after = stage_weights(backend)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # exactly the loaded model
+    assert [im.image.size for im in images] == [(128, 128)] * 4
+    # the session re-renders bit for bit from its folder
+    session.save(tmp_path / "session")
+    loaded = EditSession.load(tmp_path / "session")
+    again = editor.generate(loaded)
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image))
+               for a, b in zip(images, again))
+
+
+def test_the_super_resolution_stage_trains_and_samples_on_e_tgt(backend, photo, monkeypatch):
+    """The paper fine-tunes the super-resolution models on the input conditioned on the target
+    text's embedding (§3.1), and they sample at it too; the base at e_opt, then ē."""
+    editor = Imagic(backend, RECIPE, quiet=True)
+    seen = {}
+    loss_at = PixelCascadeBackend.loss_at
+
+    def spy_loss(self, x0, cond, *drawn, stage="base", extra=()):
+        seen.setdefault(stage, cond.hidden_states.detach().clone())
+        return loss_at(self, x0, cond, *drawn, stage=stage, extra=extra)
+
+    monkeypatch.setattr(PixelCascadeBackend, "loss_at", spy_loss)
+    session = editor.fit(photo, TEXT)
+    torch.testing.assert_close(seen[SR_STAGE], session.e_tgt.hidden_states, rtol=0, atol=0)
+    upsample = PixelCascadeBackend.upsample
+    conds = []
+
+    def spy_upsample(self, stage, low, cond, *args, **kwargs):
+        conds.append(cond.hidden_states.clone())
+        return upsample(self, stage, low, cond, *args, **kwargs)
+
+    monkeypatch.setattr(PixelCascadeBackend, "upsample", spy_upsample)
+    editor.generate(session, etas=[0.0], seeds=[0])
+    torch.testing.assert_close(conds[0], session.e_tgt.hidden_states, rtol=0, atol=0)
+
+
+def test_a_cascade_session_is_refused_by_a_model_without_its_stage(backend, photo, tmp_path):
+    session = Imagic(backend, RECIPE, quiet=True).fit(photo, TEXT)
+    session.save(tmp_path / "s")
+    plain = PixelCascadeBackend(backend.unet, backend.text_encoder, backend.tokenizer,
+                                backend.noise_scheduler.config, backend.identity, backend.device,
+                                torch.float32, coord_channels=backend.coord_channels)
+    with pytest.raises(SessionError, match=f"{SR_STAGE}/"):
+        EditSession.load(tmp_path / "s").check_model(plain)
+
+
+def test_world2_training_resumes_exactly(run, tmp_path):
+    """Stopped after 2 steps and resumed to 4, the run equals the straight one: the same
+    checkpoint tensors for all three models."""
+    out = tmp_path / "resumed"
+    CascadeTrainer(tiny_config(out, steps=2)).run()
+    CascadeTrainer(tiny_config(out, resume=True)).run()
+    for name in ("unet", SR_STAGE, "text_encoder", "ema"):
+        straight = load_file(run / "checkpoint" / f"{name}.safetensors")
+        resumed = load_file(out / "checkpoint" / f"{name}.safetensors")
+        assert straight.keys() == resumed.keys()
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
+
+
+def test_world2_warm_start_copies_every_model(run, tmp_path):
+    trainer = CascadeTrainer(tiny_config(tmp_path / "warm", init_from=str(run / "model")))
+    exported = load_backend(str(run / "model"), device="cpu")
+    for name, unet in exported.stage_unets().items():
+        own = trainer.models["unet" if name == "base" else name].state_dict()
+        assert all(torch.equal(own[k], v) for k, v in unet.state_dict().items())
+
+
+def test_train_shapes_world_2_trains_the_cascade(monkeypatch):
+    from imagic.cli import main
+    from imagic.shapes import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
+    assert main(["train-shapes", "--world", "2", "--out", "x"]) == 0
+    assert seen.pop("config").model == CascadeConfig()
+    assert main(["train-shapes", "--out", "x"]) == 0
+    assert not isinstance(seen.pop("config").model, CascadeConfig)
