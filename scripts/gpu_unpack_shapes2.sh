@@ -4,7 +4,7 @@
 # The model replaces training/shapes2/model (the next slot starts from it); the log, samples and
 # evaluation are kept per slot.
 set -euo pipefail
-FROM=${1:?give the folder the slot's files came back in}
+FROM=${1:?give the folder the slot files came back in}
 SLOT=${2:?give the slot number}
 cd "$(dirname "$0")/.."
 DEST=training/shapes2

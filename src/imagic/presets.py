@@ -87,9 +87,11 @@ class EditConfig:
         if not lora and ("lora_rank" in given or "lora_lr" in given):
             raise InputError("--lora-rank and --lora-lr set a LoRA stage 2: add --finetune lora "
                              "(or --low-memory), or drop them")
-        if lora and "finetune_lr" in given:
-            raise InputError("--finetune-lr is the full fine-tune's rate; a LoRA stage 2 uses "
-                             "--lora-lr")
+        for rate in ("finetune_lr", "aux_finetune_lr"):
+            if lora and rate in given:
+                flag = "--" + rate.replace("_", "-")
+                raise InputError(f"{flag} is the full fine-tune's rate; a LoRA stage 2 uses "
+                                 "--lora-lr")
         # --low-memory: see `low_memory` below
         base = (replace(self, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
                 if low_memory else self)
@@ -223,6 +225,71 @@ PRESETS: dict[str, EditConfig] = {
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=1.25e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.8, 0.9, 1.0, 1.1, 1.2),
         seeds=(0,), guidance=1.5, sample_steps=50, start="inversion",
+    ),
+    # The ShapesWorld 2 cascade (docs/models/shapes2.md): `shapes` for the 32 px base, and its
+    # super-resolution stage fine-tuned at the base's rate in 50 steps of K = 4, which keeps a
+    # CPU edit within two minutes. A starting point, to be tuned on ShapesBench 2's tuning cases
+    # once the model is trained.
+    "shapes2": EditConfig(
+        embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
+        finetune_lr=1.25e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.8, 0.9, 1.0, 1.1, 1.2),
+        seeds=(0,), guidance=1.5, sample_steps=50, start="inversion",
+        aux_finetune_steps=50, aux_finetune_lr=1.25e-5 * math.sqrt(4),
+    ),
+    # SDXL base 1.0 (backends/sdxl.py; its default). Stages 1-2: the paper's rates and its
+    # 1000 + 1500 samples, in steps of K = 4 with each rate × √K as in `fast` (K = 4, not 16/8:
+    # a 1024 px latent holds 4× SD's activations per sample). Gradient checkpointing at 1024 px,
+    # as diffusers' SDXL fine-tune example runs (examples/text_to_image/README_sdxl.md), so no
+    # CUDA graphs. LoRA: train_text_to_image_lora_sdxl.py's defaults, rank 4 and lr 1e-4 (× √K).
+    # Stage 3: StableDiffusionXLPipeline's defaults, guidance 5.0 and 50 steps; η as `paper`.
+    "sdxl": EditConfig(
+        embed_steps=250, embed_lr=2e-3 * math.sqrt(4), timesteps_per_step=4,
+        embed_low_precision=True, finetune_steps=375, finetune_lr=5e-7 * math.sqrt(4),
+        lora_rank=4, lora_lr=1e-4 * math.sqrt(4), gradient_checkpointing=True,
+        cuda_graphs=False, guidance=5.0, sample_steps=50,
+    ),
+    # Stable Diffusion 3.x (backends/sd3.py; its default). Stages 1-2 as `sdxl`: the paper's
+    # rates and 1000 + 1500 samples in steps of K = 4, rates × √K, gradient checkpointing at
+    # 1024 px; stage 2 fine-tunes every weight, as the paper does. LoRA:
+    # train_dreambooth_lora_sd3.py's defaults, rank 4 and lr 1e-4 (× √K). Stage 3:
+    # StableDiffusion3Pipeline's defaults, guidance 7.0 and 28 steps (of the flow Euler solver,
+    # which "ddim" runs on a flow model).
+    "sd3": EditConfig(
+        embed_steps=250, embed_lr=2e-3 * math.sqrt(4), timesteps_per_step=4,
+        embed_low_precision=True, finetune_steps=375, finetune_lr=5e-7 * math.sqrt(4),
+        lora_rank=4, lora_lr=1e-4 * math.sqrt(4), gradient_checkpointing=True,
+        cuda_graphs=False, guidance=7.0, sample_steps=28,
+    ),
+    # FLUX.1-dev (backends/flux.py; its default). Stages 1-2 as `sd3`, but stage 2 trains a LoRA
+    # adapter (fp32 weights, gradients and Adam states of 12B parameters do not fit one card) on
+    # train_dreambooth_lora_flux.py's defaults, rank 4 and lr 1e-4 (× √K); θ stays fp32 in stage
+    # 1 (parking 48 GB of it in pinned host memory costs more than it saves). Stage 3:
+    # FluxPipeline's defaults, guidance 3.5 (the distilled model's guidance embedding, no
+    # classifier-free guidance) and 28 steps.
+    "flux": EditConfig(
+        embed_steps=250, embed_lr=2e-3 * math.sqrt(4), timesteps_per_step=4,
+        finetune="lora", finetune_steps=375, lora_rank=4, lora_lr=1e-4 * math.sqrt(4),
+        gradient_checkpointing=True, cuda_graphs=False, guidance=3.5, sample_steps=28,
+    ),
+    # FLUX.1-schnell (its default): `flux` for stages 1-2; stage 3 as schnell's model card runs
+    # it, 4 steps (guidance 0: schnell has neither a guidance embedding nor CFG, so it is unused).
+    "flux-schnell": EditConfig(
+        embed_steps=250, embed_lr=2e-3 * math.sqrt(4), timesteps_per_step=4,
+        finetune="lora", finetune_steps=375, lora_rank=4, lora_lr=1e-4 * math.sqrt(4),
+        gradient_checkpointing=True, cuda_graphs=False, guidance=0.0, sample_steps=4,
+    ),
+    # DeepFloyd IF, IF-I + IF-II (backends/deepfloyd_if.py; its default), as the paper runs
+    # Imagen (§4.1): stage 1 100 Adam steps at lr 1e-3; stage 2 1500 steps on the 64 px model
+    # and 1500 on the 64→256 px one; η 0.6–0.8; DDIM. The paper does not report Imagen's
+    # fine-tuning rates, so they are diffusers' IF DreamBooth examples' (docs training/
+    # dreambooth.md, DeepFloyd IF): full, 1e-7 for IF-I and 5e-6 for IF-II; LoRA, the IF-I
+    # example's 5e-6 (one LoRA rate serves both stages) at train_dreambooth_lora.py's rank 4.
+    # Stage 3: IFPipeline's defaults, guidance 7.0 and 100 steps (IF-II: its pipeline's 4.0,
+    # 50 steps and noise level 250, in the backend).
+    "deepfloyd-if": EditConfig(
+        embed_steps=100, embed_lr=1e-3, finetune_steps=1500, finetune_lr=1e-7,
+        aux_finetune_steps=1500, aux_finetune_lr=5e-6, lora_rank=4, lora_lr=5e-6,
+        guidance=7.0, sample_steps=100,
     ),
 }
 

@@ -72,8 +72,27 @@ def load_backend(
         return load_pixel_model(EMBEDDED, torch_device, torch_dtype, source=EMBEDDED_SOURCE)
     if Path(model).is_dir() and is_pixel_model(Path(model)):
         return load_pixel_model(model, torch_device, torch_dtype)
+    from .deepfloyd_if import is_deepfloyd_if, load_deepfloyd_if
+
+    if is_deepfloyd_if(model):  # "IF_I+IF_II", an IF folder, or a DeepFloyd/IF-… hub id
+        return load_deepfloyd_if(model, torch_device, torch_dtype, allow_pickle, config, revision)
     if config is not None and not Path(config).is_dir():
         raise InputError(f"--config must be a diffusers model folder: {config}")
+    from .flow import flow_family
+
+    family = flow_family(model, config, revision)  # SD3 or FLUX, by model_index.json
+    if family == "sd3":
+        from .sd3 import load_sd3
+
+        return load_sd3(model, torch_device, torch_dtype, allow_pickle, config, revision)
+    if family == "flux":
+        from .flux import load_flux
+
+        return load_flux(model, torch_device, torch_dtype, allow_pickle, config, revision)
+    from .sdxl import is_sdxl, load_sdxl
+
+    if is_sdxl(model, config, revision):  # by model_index.json (a single file: its tensors)
+        return load_sdxl(model, torch_device, torch_dtype, allow_pickle, config, revision)
     from .stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion(model, torch_device, torch_dtype, allow_pickle, config, revision)

@@ -67,6 +67,8 @@ class PixelCascadeBackend(UNetBackend):
             stage.unet.requires_grad_(False)
             stage.unet.eval()
         self.auxiliary_stages = tuple(self.stages)
+        if self.stages:  # presets.py: the ShapesWorld 2 cascade's recipe
+            self.default_preset = "shapes2"
 
     def stage_unets(self) -> dict[str, torch.nn.Module]:
         return {"base": self.unet, **{name: s.unet for name, s in self.stages.items()}}
@@ -93,12 +95,12 @@ class PixelCascadeBackend(UNetBackend):
         names = ["base", *self.stages]
         return self.stage_resolution(names[names.index(stage) - 1])
 
-    def predict(self, stage, x_t, t, hidden, extra=()):
+    def predict(self, stage, x_t, t, cond, extra=()):
         if stage == "base":
-            return super().predict(stage, x_t, t, hidden)
+            return super().predict(stage, x_t, t, cond)
         low, level = extra  # the previous image, noised and upsampled; its noise level
         model_input = self.unet_input(torch.cat([x_t, low], dim=1))
-        return self.stages[stage].unet(model_input, t, encoder_hidden_states=hidden,
+        return self.stages[stage].unet(model_input, t, encoder_hidden_states=cond.hidden_states,
                                        class_labels=level).sample
 
     def conditioning(self, stage: str, low: torch.Tensor, level: torch.Tensor,

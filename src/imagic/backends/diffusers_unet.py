@@ -101,11 +101,12 @@ class UNetBackend:
         """What the UNet reads besides x_t (none here; the ShapesWorld model adds coordinates)."""
         return x
 
-    def predict(self, stage: str, x_t: torch.Tensor, t, hidden: torch.Tensor,
+    def predict(self, stage: str, x_t: torch.Tensor, t, cond: TextCond,
                 extra: tuple = ()) -> torch.Tensor:
-        """f_θ(x_t, t, e) of `stage`'s UNet; `extra` is what a super-resolution stage also
-        reads (backends/cascade.py)."""
-        return self.unet(self.unet_input(x_t), t, encoder_hidden_states=hidden).sample
+        """f_θ(x_t, t, e) of `stage`'s UNet, e one row per row of x_t; `extra` is what a
+        super-resolution stage also reads (backends/cascade.py). A family whose UNet reads
+        more of e (SDXL's pooled embedding) overrides this."""
+        return self.unet(self.unet_input(x_t), t, encoder_hidden_states=cond.hidden_states).sample
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -162,11 +163,11 @@ class UNetBackend:
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(x0, noise, t)
-        hidden = cond.hidden_states.expand(batch, -1, -1)
+        cond = cond.map(lambda v: v.expand(batch, *v.shape[1:]))
         # no autocast weight cache, as PyTorch's CUDA-graph tools require (make_graphed_callables
         # refuses it); each weight is cast once per forward pass either way
         with self._autocast(cache_enabled=False):
-            prediction = self.predict(stage, x_t, t, hidden, extra)
+            prediction = self.predict(stage, x_t, t, cond, extra)
         return F.mse_loss(prediction.float(), target)
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
@@ -343,14 +344,13 @@ class UNetBackend:
         ε(∅)); at guidance 1 that is ε(e), and the unconditional half is not run."""
         n = x.shape[0]
         guided = guidance != 1
-        hidden = conds.hidden_states
         if guided:
-            hidden = torch.cat([uncond.hidden_states.expand(n, -1, -1), hidden])
+            conds = TextCond.cat([uncond.map(lambda v: v.expand(n, *v.shape[1:])), conds])
             extra = tuple(torch.cat([e, e]) for e in extra)
         for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
             model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             with self._autocast():
-                prediction = self.predict(stage, model_input, t, hidden, extra).float()
+                prediction = self.predict(stage, model_input, t, conds, extra).float()
             if guided:
                 uncond_pred, cond_pred = prediction.chunk(2)
                 prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
@@ -385,8 +385,7 @@ class UNetBackend:
         x = x0.to(self.device, torch.float32)
         for t in scheduler.timesteps:
             with self._autocast():
-                prediction = self.unet(self.unet_input(x), t,
-                                       encoder_hidden_states=cond.hidden_states).sample
+                prediction = self.predict("base", x, t, cond)
             x = scheduler.step(prediction.float(), t, x).prev_sample
         return x
 

@@ -59,7 +59,20 @@ def load_stable_diffusion(
     """Load SD 1.x/2.x from a hub id, a local diffusers folder, or one .safetensors file."""
     from diffusers import StableDiffusionPipeline
 
-    common = dict(safety_checker=None, requires_safety_checker=False, dtype=torch.float32)
+    pipe, identity = load_pipeline(
+        StableDiffusionPipeline, "a Stable Diffusion", model, allow_pickle, config, revision,
+        safety_checker=None, requires_safety_checker=False)
+    identity["fingerprint"] = weights_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae)
+    return StableDiffusionBackend(pipe, identity, device, dtype)
+
+
+def load_pipeline(pipeline_class, what: str, model: str, allow_pickle: bool = False,
+                  config: str | None = None, revision: str | None = None, **kwargs):
+    """A diffusers pipeline of `pipeline_class` (float32) from a hub id, a local diffusers
+    folder, or one checkpoint file, as diffusers loads them, and its identity for sessions
+    (source, revision; for a single file its size and the configs folder). `what` names the
+    family in errors ("a Stable Diffusion"); every failure is one ModelError line."""
+    common = dict(dtype=torch.float32, **kwargs)
     path = Path(model).expanduser()
     identity = {"source": model, "revision": revision}
     if path.is_file():
@@ -72,7 +85,7 @@ def load_stable_diffusion(
         if suffix not in PICKLE_SUFFIXES + (".safetensors",):
             raise ModelError(f"{path} is not a model checkpoint (.safetensors expected)")
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
+            pipe = pipeline_class.from_single_file(
                 str(path), config=config, local_files_only=config is not None, **common
             )
         except Exception as err:  # diffusers raises many kinds here; the user needs one line
@@ -80,8 +93,7 @@ def load_stable_diffusion(
                 "; offline it needs --config DIR (a diffusers folder of the same model)"
             )
             raise ModelError(
-                f"could not load {path.name} as a Stable Diffusion checkpoint{hint} "
-                f"({_short(err)})"
+                f"could not load {path.name} as {what} checkpoint{hint} ({_short(err)})"
             ) from None
         # where to load it again (`imagic generate` without --model): absolute paths, and the
         # configs folder that an offline single-file load needs
@@ -92,7 +104,7 @@ def load_stable_diffusion(
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = pipeline_class.from_pretrained(
                 str(path), use_safetensors=None if allow_pickle else True, **common
             )
         except Exception as err:
@@ -102,10 +114,10 @@ def load_stable_diffusion(
         raise ModelError(f"model not found: {model} (no such file or folder)")
     else:
         try:
-            folder = StableDiffusionPipeline.download(
+            folder = pipeline_class.download(
                 model, revision=revision, use_safetensors=None if allow_pickle else True
             )
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = pipeline_class.from_pretrained(
                 folder, use_safetensors=None if allow_pickle else True, **common
             )
         except Exception as err:
@@ -115,8 +127,7 @@ def load_stable_diffusion(
             ) from None
         if Path(folder).parent.name == "snapshots":
             identity["revision"] = Path(folder).name  # the commit hash of the snapshot
-    identity["fingerprint"] = weights_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae)
-    return StableDiffusionBackend(pipe, identity, device, dtype)
+    return pipe, identity
 
 
 def _looks_like_path(model: str) -> bool:

@@ -3,7 +3,8 @@
 Each case is an input render and a target caption that differs in exactly one attribute
 (colour, size, shape or position). Every output is read back by the detectors: it succeeds when
 the target attribute reads as asked and the other three read as in the input; background
-fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds:
+fidelity is PSNR and SSIM outside both objects. ShapesBench 2 (`bench/shapes2.py`) brings
+cases of ShapesWorld 2 to the same runner. Methods, all from the same seeds:
 
 - imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3);
 - imagic-inversion (only when asked for with --methods): the same stages 1–2, stage 3 started
@@ -14,7 +15,9 @@ fidelity is PSNR and SSIM outside both objects. Methods, all from the same seeds
 - no-finetune: the paper's ablation without stage 2 (ē(η) on the original model);
 - no-embedding: the ablation without stage 1 (fine-tune on e_tgt, sample at e_tgt);
 - sdedit: noise the input to strength s and denoise with the target text (Meng et al. 2022);
-- text-only: the target caption alone (the alignment ceiling and the fidelity floor).
+- text-only: the target caption alone (the alignment ceiling and the fidelity floor);
+- no-sr-finetune (cascades): Imagic with the super-resolution stages left as trained, only the
+  base's delta applied, every η.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "te
 # edits at its own, lower, guidance from the inversion; `--guidance` changes it).
 GUIDANCE = 4.0
 # on request (--methods), so the runs made before it resume without re-fitting every case
-OPTIONAL_METHODS = ("imagic-inversion",)
+OPTIONAL_METHODS = ("imagic-inversion", "no-sr-finetune")
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text", "margin", "distance")
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
@@ -69,6 +72,11 @@ FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept"
 SCORER = 2
 # margin, distance: auto-η's two signals for this output (imagic rows, when imagic-auto runs):
 # D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input
+
+
+def kinds_of(rows) -> list[str]:
+    """The edit kinds in the rows, in the order cases cycle through them."""
+    return list(dict.fromkeys(r["kind"] for r in sorted(rows, key=lambda r: r["case"])))
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,16 @@ class Case:
 
     def image(self) -> Image.Image:
         return Image.fromarray(render(self.source))
+
+    fields = FIELDS  # rows.csv's columns for this world's cases
+
+    def check(self, image: Image.Image) -> dict:
+        """The scores of one output, as rows.csv holds them."""
+        c = check_edit(image, self.source, self.target)
+        return {"success": int(c["target"] and c["kept"]), "target": int(c["target"]),
+                "kept": int(c["kept"]), "pebbles": int(c["pebbles"]),
+                "psnr": round(c["background_psnr"], 3), "ssim": round(c["background_ssim"], 4),
+                "status": c["status"]}
 
 
 def make_cases(count: int = 80, seed: int = 0) -> list[Case]:
@@ -138,13 +156,9 @@ def method_names(methods, guidances: tuple[float, ...]) -> list[str]:
     return [f"{m}-g{g:g}" for g in guidances for m in methods]
 
 
-def score(case: Case, method: str, param: float, seed: int, image: Image.Image) -> dict:
-    c = check_edit(image, case.source, case.target)
+def score(case, method: str, param: float, seed: int, image: Image.Image) -> dict:
     return {"case": case.index, "kind": case.kind, "method": method, "param": param,
-            "seed": seed, "success": int(c["target"] and c["kept"]), "target": int(c["target"]),
-            "kept": int(c["kept"]), "pebbles": int(c["pebbles"]),
-            "psnr": round(c["background_psnr"], 3), "ssim": round(c["background_ssim"], 4),
-            "status": c["status"], "text": case.text}
+            "seed": seed, **case.check(image), "text": case.text}
 
 
 def choose_auto(etas, margins, distances) -> float:
@@ -155,7 +169,7 @@ def choose_auto(etas, margins, distances) -> float:
                   [distances[i] for i in swept])
 
 
-def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths,
+def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
              methods=METHODS, guidances: tuple[float, ...] = ()) -> list[dict]:
     """The chosen methods on one (case, seed), at the config's guidance or at each of
     `guidances` (stages 1–2 fitted once for all of them)."""
@@ -164,8 +178,10 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
     config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,), start="noise")
     scales = guidances or (config.guidance,)
     rows = []
-    # Imagic, auto-η, the inversion start and the ablation without fine-tuning share stages 1–2
-    if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune"} & set(methods):
+    # Imagic, auto-η, the inversion start and the ablations without (some) fine-tuning share
+    # stages 1–2
+    if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune",
+            "no-sr-finetune"} & set(methods):
         editor = Imagic(backend, config, quiet=True)
         session = editor.fit(image, text)
     # The ablation without embedding optimization: e_opt = e_tgt, so every η is the same image
@@ -202,6 +218,12 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
                               delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
             rows += [score(case, name("no-finetune"), r.eta, seed, r.image)
                      for r in editor.generate(untuned, guidance=guidance)]
+        if "no-sr-finetune" in methods:  # the base's delta only ("STAGE/…" tensors dropped)
+            base_only = {k: v for k, v in session.delta.tensors.items() if "/" not in k}
+            untuned = replace(session, delta=Delta(session.delta.kind, base_only,
+                                                   session.delta.lora_rank))
+            rows += [score(case, name("no-sr-finetune"), r.eta, seed, r.image)
+                     for r in editor.generate(untuned, guidance=guidance)]
         if "no-embedding" in methods:
             rows += [score(case, name("no-embedding"), 1.0, seed, r.image)
                      for r in plain.generate(plain_session, guidance=guidance)]
@@ -218,7 +240,7 @@ def run_case(backend, case: Case, seed: int, config: EditConfig, etas, strengths
     return rows
 
 
-def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=ETAS,
+def run(backend, out: Path, cases: list, seeds, config: EditConfig, etas=ETAS,
         strengths=STRENGTHS, methods=METHODS, quiet: bool = False,
         guidances: tuple[float, ...] = ()) -> Path:
     """Run every (case, seed) not yet in OUT/rows.csv, appending as each finishes (resumable),
@@ -229,6 +251,9 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
         config, guidances = replace(config, guidance=guidances[0]), ()
     check_settings(config, etas, strengths, methods, guidances)
     check_sample_steps(backend, config.sample_steps, config.sampler)
+    if "no-sr-finetune" in methods and not backend.auxiliary_stages:
+        raise InputError("no-sr-finetune leaves a cascade's super-resolution stages as trained; "
+                         "this model has none: drop it from --methods")
     out.mkdir(parents=True, exist_ok=True)
     recipe = replace(config, etas=(1.0,), seeds=(0,), start="noise")  # as run_case runs it
     settings = {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
@@ -244,7 +269,7 @@ def run(backend, out: Path, cases: list[Case], seeds, config: EditConfig, etas=E
             if (missing := tuple(m for m in methods
                                  if not set(method_names([m], guidances)) <= done[(c.index, s)]))]
     try:
-        with append_rows(path, FIELDS) as commit:
+        with append_rows(path, cases[0].fields) as commit:
             for case, seed, missing in tqdm(jobs, desc="ShapesBench", unit="case",
                                             disable=quiet):
                 commit(run_case(backend, case, seed, config, etas, strengths, missing,
@@ -260,6 +285,8 @@ def read_rows(path: Path) -> list[dict]:
     def convert(r: dict) -> None:
         for key in ("success", "target", "kept", "pebbles", "case", "seed"):
             r[key] = int(r[key])
+        if "identity" in r:  # ShapesBench 2's rows
+            r["identity"] = int(r["identity"])
         for key in ("param", "psnr", "ssim"):
             r[key] = float(r[key])
         for key in ("margin", "distance"):  # absent in files of older runs
@@ -331,10 +358,10 @@ def summary(rows) -> str:
              "| outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     present = dict.fromkeys(r["method"] for r in rows)
-    methods = [m for base in ("imagic", "imagic-inversion", "no-finetune", "no-embedding",
-                              "sdedit", "text-only")
+    methods = [m for base in ("imagic", "imagic-inversion", "no-finetune", "no-sr-finetune",
+                              "no-embedding", "sdedit", "text-only")
                for m in present if m == base or m.startswith(f"{base}-g")]
-    for kind in KINDS:
+    for kind in kinds_of(rows):
         for method in methods:
             curve = curves.get((kind, method))
             if not curve:
@@ -361,7 +388,7 @@ def auto_eta_comparison(rows) -> dict:
         if r["method"] == "imagic" and (r["case"], r["seed"]) in auto:
             sweep[(r["case"], r["seed"])][r["param"]] = r["success"]
     groups = {"all": list(auto)}
-    for kind in KINDS:
+    for kind in kinds_of(rows):
         groups[kind] = [k for k, r in auto.items() if r["kind"] == kind]
     table = {}
     for name, keys in groups.items():
@@ -404,10 +431,13 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = param_curves(rows)
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.6), sharey=True)
-    styles = {"imagic": "o-", "imagic-inversion": "v-", "no-finetune": "s--", "sdedit": "^-",
-              "no-embedding": "D", "text-only": "x"}
-    for ax, kind in zip(axes, KINDS):
+    kinds = kinds_of(rows)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    styles = {"imagic": "o-", "imagic-inversion": "v-", "no-finetune": "s--",
+              "no-sr-finetune": "P--", "sdedit": "^-", "no-embedding": "D", "text-only": "x"}
+    for ax, kind in zip(axes, kinds):
         for method, style in styles.items():
             curve = curves.get((kind, method))
             if not curve:
@@ -458,7 +488,8 @@ def merge_runs(run: Path, workers: list[Path]) -> int:
         merged += new
         added |= {key(r) for r in new}
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
+    fields = tuple(merged[0]) if merged else FIELDS  # the run's own columns (world 1 or 2)
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in merged)
     write_text_atomic(buffer.getvalue(), run / "rows.csv")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .shapes import KINDS, eta_table, param_curves, read_rows, summary
+from .shapes import eta_table, kinds_of, param_curves, read_rows, summary
 
 HELD_OUT = 16  # cases 0–15 chose the `shapes` preset's learning rates; the rest did not
 
@@ -51,7 +51,7 @@ def sdedit_bar(rows: list[dict], label: str, method: str = "imagic") -> list[str
              "| success lead at ≥ PSNR | outputs per setting |",
              "| --- | --- | --- | --- | --- | --- |"]
     by_kind = param_curves(rows)  # (kind, method) -> {param: (success, PSNR, SSIM, n, pebbles)}
-    for kind in KINDS:
+    for kind in kinds_of(rows):
         imagic, sdedit = best(by_kind.get((kind, method), {})), by_kind.get((kind, "sdedit"))
         if imagic is None or not sdedit:
             continue

@@ -37,7 +37,10 @@ def register(sub) -> None:
         "shapes", help="Imagic vs its ablations, SDEdit and text-only on ShapesWorld",
         description="Run ShapesBench: for each case (an input render and a caption that changes "
                     "one attribute) and seed, every method and parameter; rows.csv (resumable: "
-                    "finished cases are not redone), summary.md and tradeoff.png in --out.",
+                    "finished cases are not redone), summary.md and tradeoff.png in --out. The "
+                    "model's world sets the cases: ShapesBench on a 32 px ShapesWorld model, "
+                    "ShapesBench 2 (colour, position, pose, add, remove) on a 128 px ShapesWorld "
+                    "2 cascade.",
         epilog=SHAPES_EXAMPLE, formatter_class=raw,
     )
     shapes.add_argument("--cases", type=int, default=80,
@@ -45,6 +48,8 @@ def register(sub) -> None:
                              "of the range")
     shapes.add_argument("--from-case", type=int, default=0,
                         help="skip the cases before this index (default 0)")
+    shapes.add_argument("--held-out", action="store_true",
+                        help="ShapesBench 2: the held-out cases (default: the tuning cases)")
     shapes.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2),
                         help="seeds of stages 1-3, one fit each (default 0,1,2)")
     shapes.add_argument("--out", default="bench-shapes", help="output folder")
@@ -55,8 +60,9 @@ def register(sub) -> None:
     shapes.add_argument("--methods", type=lambda text: tuple(dict.fromkeys(
                             m.strip() for m in text.split(",") if m.strip())),
                         help="comma-separated subset of: imagic, imagic-auto, no-finetune, "
-                             "no-embedding, sdedit, text-only (default: these six), and "
-                             "imagic-inversion (stage 3 from the input's inversion; on request)")
+                             "no-embedding, sdedit, text-only (default: these six, and on a "
+                             "cascade no-sr-finetune), and imagic-inversion (stage 3 from the "
+                             "input's inversion; on request)")
     shapes.add_argument("--guidance", dest="guidances", type=parse_floats,
                         help="classifier-free guidance of every method (default 4, the model's "
                              "training default); several (1,1.5,2) sample every method at each "
@@ -150,22 +156,35 @@ def _recipe(args, preset: str | None, **fixed):
 
 def cmd_shapes(args) -> int:
     from ..backends import load_backend, require_family
-    from ..bench import require_plotting
-    from ..bench.shapes import ETAS, GUIDANCE, METHODS, STRENGTHS, check_settings, run, select_cases
+    from ..bench import require_plotting, shapes, shapes2
+    from ..bench.shapes import ETAS, GUIDANCE, STRENGTHS, check_settings, run
+    from ..errors import InputError
     from ..outputs import check_out_dir
 
-    cases = select_cases(args.cases, args.from_case)
+    shapes.select_cases(args.cases, args.from_case)  # impossible ranges fail now
     # the paper's fresh noise ("imagic" is the paper's stage 3; imagic-inversion starts from the
     # inversion), at the protocol's guidance unless told otherwise
     guidances = args.guidances or (GUIDANCE,)
     config = _recipe(args, "shapes", start="noise", guidance=guidances[0])
     etas, strengths = args.eta or ETAS, args.strengths or STRENGTHS
-    methods = args.methods or METHODS
-    check_settings(config, etas, strengths, methods, guidances if len(guidances) > 1 else ())
+    check_settings(config, etas, strengths, args.methods or shapes.METHODS,
+                   guidances if len(guidances) > 1 else ())
     require_plotting()
     out = check_out_dir(args.out)
     backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "ShapesBench (32×32 ShapesWorld renders)")
+    require_family(backend, "pixel-cascade", "ShapesBench (ShapesWorld renders)")
+    # the world is the one whose images the model makes
+    if backend.output_resolution == 128:
+        cases = shapes2.select_cases(args.cases, args.from_case, held_out=args.held_out)
+        methods = args.methods or shapes2.METHODS2
+    elif backend.output_resolution == 32 and not args.held_out:
+        cases, methods = shapes.select_cases(args.cases, args.from_case), args.methods
+        methods = methods or shapes.METHODS
+    else:
+        raise InputError("ShapesBench needs a ShapesWorld model (32 px; --held-out: a 128 px "
+                         f"ShapesWorld 2 cascade); this one makes {backend.output_resolution} "
+                         "px images")
+    config = _recipe(args, backend.default_preset, start="noise", guidance=guidances[0])
     path = run(backend, out, cases, args.seeds, config, etas=etas, strengths=strengths,
                methods=methods, quiet=args.quiet, guidances=guidances)
     if not args.quiet:

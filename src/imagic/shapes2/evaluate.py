@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..shapes.evaluate import BAR_ALL, BAR_EACH, DEFAULT_GUIDANCE, check_evaluation, sample_seed
+from ..shapes.evaluate import (
+    BAR_ALL,
+    BAR_EACH,
+    DEFAULT_GUIDANCE,
+    check_evaluation,
+    masked_ssim,
+    sample_seed,
+)
 from .detect import compare, detect, dilate, find_pebbles, identity_of, match_pebbles, same_identity
 from .world import ATTRIBUTES, Scene, Thing, pebble_mask, random_caption_and_scene, render
 
@@ -78,8 +85,8 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     change, of every object), identity (every object that stays is still the same object:
     `same_identity` with the input's), pebbles (every pebble of the input clear of the objects
     has a pebble of the output within the match distance, and the output has no other),
-    success (all four), background_psnr (dB, outside the objects of input and output), and the
-    detection's object count.
+    success (target, kept and identity), background_psnr (dB) and background_ssim outside the
+    objects of input and output (each dilated), and the detection's object count.
     """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
@@ -106,7 +113,8 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     expected = [(x, y) for x, y, r in source.pebbles
                 if not (pebble_mask(source.replace(pebbles=((x, y, r),))) & hidden).any()]
     matched, added = match_pebbles(expected, find_pebbles(array, hidden))
-    diff = (array.astype(np.float64) - render(source).astype(np.float64))[~objects]
+    original = render(source)
+    diff = (array.astype(np.float64) - original.astype(np.float64))[~objects]
     mse = float(np.mean(diff**2)) if diff.size else 0.0
     result = {
         "target": all(changed_ok),
@@ -115,6 +123,7 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
         "pebbles": matched == len(expected) and added == 0,
         "objects": found.count,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
+        "background_ssim": masked_ssim(array, original, ~objects),
     }
     result["success"] = result["target"] and result["kept"] and result["identity"]
     return result

@@ -1,0 +1,74 @@
+"""ShapesBench 2: its cases are fair (one edit of a render, which the target's own render
+passes and the input fails), the tuning and held-out sets differ, and the runner scores a
+cascade's methods, the ablation without the super-resolution fine-tune included, resumably."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from imagic.bench.shapes2 import KINDS, select_cases
+from imagic.cli import main
+from imagic.shapes.train import TrainConfig
+from imagic.shapes2 import render
+from imagic.shapes2.model import CascadeConfig
+from imagic.shapes2.train import CascadeTrainer
+
+TINY = CascadeConfig(base_channels=(8, 16, 16), sr_channels=(8, 8, 16, 16), norm_num_groups=4,
+                     text_hidden_size=16, text_layers=1, text_heads=2, attention_head_dim=4,
+                     sr_sample_steps=2)
+
+
+def test_cases_are_one_edit_of_a_render_that_its_target_render_passes():
+    cases = select_cases(20)
+    assert [c.kind for c in cases[:5]] == list(KINDS)
+    assert select_cases(10) == cases[:10]  # seeded per case: a smaller set is a prefix
+    assert select_cases(12, start=10) == cases[10:12]
+    for case in cases:
+        done = case.check(Image.fromarray(render(case.target)))
+        assert done["success"] and done["identity"] and done["pebbles"], (case.kind, done)
+        assert not case.check(case.image())["target"], case.kind
+    held_out = select_cases(20, held_out=True)
+    assert {repr(c.source) for c in held_out}.isdisjoint(repr(c.source) for c in cases)
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bench2") / "run"
+    CascadeTrainer(TrainConfig(out=str(out), steps=2, batch_size=2, checkpoint_every=2,
+                               sample_every=0, sample_steps=2, model=TINY, quiet=True,
+                               device="cpu")).run()
+    yield out / "model"
+    torch.set_num_threads(threads)
+
+
+def test_bench_on_a_cascade_runs_shapesbench_2_with_the_sr_ablation(cascade, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "shapes", "--model", str(cascade), "--cases", "5", "--seeds", "0",
+            "--out", str(out), "--embed-steps", "1", "--finetune-steps", "1",
+            "--aux-finetune-steps", "1", "--sample-steps", "2", "--eta", "0,1",
+            "--strengths", "0.5", "--methods", "imagic,no-sr-finetune,sdedit", "--quiet"]
+    assert main(args) == 0
+    with (out / "rows.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kind"] for r in rows} == set(KINDS)
+    assert len(rows) == 5 * (2 + 2 + 1)
+    assert all(r["identity"] in ("0", "1") for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "| pose | no-sr-finetune |" in summary and "| remove | sdedit |" in summary
+    assert main(args) == 0  # finished cases are not redone
+    with (out / "rows.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_the_sr_ablation_needs_a_cascade(tmp_path, capsys):
+    args = ["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(tmp_path / "b"),
+            "--sample-steps", "2", "--methods", "no-sr-finetune", "--quiet"]
+    assert main(args) == 2
+    assert "no-sr-finetune" in capsys.readouterr().err
+    assert main([*args[:-3], "--held-out", "--quiet"]) == 2  # held-out: ShapesBench 2 only
