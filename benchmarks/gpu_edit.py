@@ -167,10 +167,11 @@ def measure(backend, config, image) -> dict:
     }
 
 
-def project(short: dict, long: dict) -> dict:
-    """Reference runs of n and 2n steps per stage, scaled to the paper's step counts: the
-    difference gives the cost per step, the rest (stage 2's weight backup and restore, the
-    optimizer's set-up) is counted once."""
+def project(short: dict, long: dict, steps: dict | None = None) -> dict:
+    """Reference runs of n and 2n steps per stage, scaled to `steps` per stage (the paper's
+    step counts by default): the difference gives the cost per step, the rest (stage 2's weight
+    backup and restore, the optimizer's set-up) is counted once."""
+    steps = steps or PAPER_STEPS
     out = {}
     for stage in ("stage1", "stage2"):
         n = long[f"{stage}_steps"] - short[f"{stage}_steps"]
@@ -178,7 +179,7 @@ def project(short: dict, long: dict) -> dict:
         fixed = max(short[f"{stage}_s"] - short[f"{stage}_steps"] * per_step, 0.0)
         out[f"{stage}_s_per_step"] = round(per_step, 4)
         out[f"{stage}_s_fixed"] = round(fixed, 3)
-        out[f"{stage}_s"] = round(fixed + PAPER_STEPS[stage] * per_step, 2)
+        out[f"{stage}_s"] = round(fixed + steps[stage] * per_step, 2)
     out["generate_s"] = long["generate_s"]
     out["total_s"] = round(out["stage1_s"] + out["stage2_s"] + out["generate_s"], 2)
     return out

@@ -79,7 +79,7 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_checks_its_own_report(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "2",
+    assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "8",
                        "--fast-scale", "0.02", "--variants", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert bench.check_report(r, variants=["fast-eager", "fast+graphs", "lora+dpm++20"]) == []

@@ -65,6 +65,20 @@ PARAMETERS = {"unet": 4_304_695_110, "text_encoder": 4_762_310_656, "sr256": 1_1
 WORDS = ["a", "photo", "of", "the", "dog", "cat", "sitting", "standing", "red", "blue",
          "painting", "with", "hat"]
 
+# a CPU stand-in of the same structure: IF-I at 8 px, IF-II to 32 px, a 2-layer T5 of width 8
+_TINY_UNET = dict(
+    block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), cross_attention_dim=32,
+    attention_head_dim=4, norm_num_groups=4, encoder_hid_dim=8, addition_embed_type_num_heads=2)
+TINY = dict(
+    unet=IF_I_UNET | _TINY_UNET | dict(sample_size=8),
+    sr256=IF_II_UNET | _TINY_UNET | dict(sample_size=32),
+    text_encoder=TEXT_ENCODER | dict(vocab_size=1000, d_model=8, d_kv=4, d_ff=16, num_layers=2,
+                                     num_heads=2, relative_attention_num_buckets=8),
+)
+REAL = dict(unet=IF_I_UNET, sr256=IF_II_UNET, text_encoder=TEXT_ENCODER)
+
 
 def t5_word_tokenizer(words=WORDS, max_length: int = 77):
     """A T5-style fast tokenizer that knows `words` (pad 0, end-of-text 1 appended, unknown 2):
@@ -82,17 +96,19 @@ def t5_word_tokenizer(words=WORDS, max_length: int = 77):
                                    model_max_length=max_length)
 
 
-def random_if_pipelines(device: str | torch.device = "cpu", seed: int = 0):
+def random_if_pipelines(device: str | torch.device = "cpu", seed: int = 0, shape: str = "real"):
     """(IFPipeline, IFSuperResolutionPipeline) of IF-I-XL's and IF-II-L's architectures with
-    random weights, each made on `device` ("meta": shapes only)."""
+    random weights, each made on `device` ("meta": shapes only; `shape` "tiny": a CPU
+    stand-in)."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
+    spec = TINY if shape == "tiny" else REAL
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**IF_I_UNET)
-        sr_unet = UNet2DConditionModel(**IF_II_UNET)
-        text_encoder = T5EncoderModel(T5Config(**TEXT_ENCODER))
+        unet = UNet2DConditionModel(**spec["unet"])
+        sr_unet = UNet2DConditionModel(**spec["sr256"])
+        text_encoder = T5EncoderModel(T5Config(**spec["text_encoder"]))
     unused = dict(safety_checker=None, feature_extractor=None, watermarker=None,
                   requires_safety_checker=False)
     if_i = IFPipeline(tokenizer=t5_word_tokenizer(), text_encoder=text_encoder, unet=unet,
@@ -104,13 +120,13 @@ def random_if_pipelines(device: str | torch.device = "cpu", seed: int = 0):
     return if_i, if_ii
 
 
-def random_if(device: str | torch.device = "cuda"):
+def random_if(device: str | torch.device = "cuda", shape: str = "real"):
     """A DeepFloydIFBackend over `random_if_pipelines` on `device` (bf16 frozen parts on CUDA,
     as the CLI's default)."""
     from imagic.backends.deepfloyd_if import DeepFloydIFBackend
 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    identity = {"source": "random-weights-if-i-xl+if-ii-l", "fingerprint": "random"}
-    if_i, if_ii = random_if_pipelines(device)
+    identity = {"source": f"random-weights-if-i-xl+if-ii-l-{shape}", "fingerprint": "random"}
+    if_i, if_ii = random_if_pipelines(device, shape=shape)
     return DeepFloydIFBackend(if_i, if_ii, identity, device, dtype)

@@ -48,12 +48,31 @@ SCHEDULER = dict(
 PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480,
               "text_encoder_2": 694_659_840, "vae": 83_653_863}
 WORDS = ["a", "photo", "of", "the", "dog", "cat", "sitting", "standing", "red", "blue", "hat"]
+# a CPU stand-in with the same structure (two CLIP encoders, pooled and time ids), 64 px
+TINY = dict(
+    unet=UNET | dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                     attention_head_dim=4, transformer_layers_per_block=1, norm_num_groups=4,
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 8),
+    vae=VAE | dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=64,
+                   norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                   up_block_types=("UpDecoderBlock2D",) * 2),
+    text_encoder=TEXT_ENCODER | dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, projection_dim=8, vocab_size=1000),
+    text_encoder_2=TEXT_ENCODER_2 | dict(hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         projection_dim=8, vocab_size=1000),
+)
+REAL = dict(unet=UNET, vae=VAE, text_encoder=TEXT_ENCODER, text_encoder_2=TEXT_ENCODER_2)
 
 
-def random_sdxl_pipeline(device: str | torch.device = "cpu", seed: int = 0):
+def random_sdxl_pipeline(device: str | torch.device = "cpu", seed: int = 0,
+                         shape: str = "real"):
     """A StableDiffusionXLPipeline of SDXL base 1.0's architecture with random weights, each
-    made on `device` ("meta": shapes only). The tokenizers know a few words (the real ones are
-    not downloaded); the token ids they make lie in the real vocabulary's range."""
+    made on `device` ("meta": shapes only; `shape` "tiny": a CPU stand-in). The tokenizers know
+    a few words (the real ones are not downloaded); their token ids lie in the real vocabulary's
+    range."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -64,13 +83,14 @@ def random_sdxl_pipeline(device: str | torch.device = "cpu", seed: int = 0):
 
     from imagic.tokenizer import word_level_clip_tokenizer
 
+    spec = TINY if shape == "tiny" else REAL
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET)
-        vae = AutoencoderKL(**VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER, **TOKEN_IDS))
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **TOKEN_IDS))
         text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(**TEXT_ENCODER_2, **TOKEN_IDS))
+            CLIPTextConfig(**spec["text_encoder_2"], **TOKEN_IDS))
     # the scheduler as the published config loads (it keeps clip_sample and set_alpha_to_one
     # for the DDIM sampler made from it)
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
@@ -82,12 +102,12 @@ def random_sdxl_pipeline(device: str | torch.device = "cpu", seed: int = 0):
     )
 
 
-def random_sdxl(device: str | torch.device = "cuda"):
+def random_sdxl(device: str | torch.device = "cuda", shape: str = "real"):
     """An SDXLBackend over `random_sdxl_pipeline` on `device` (bf16 frozen parts on CUDA, as
     the CLI's default)."""
     from imagic.backends.sdxl import SDXLBackend
 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    identity = {"source": "random-weights-sdxl-base-1.0", "fingerprint": "random"}
-    return SDXLBackend(random_sdxl_pipeline(device), identity, device, dtype)
+    identity = {"source": f"random-weights-sdxl-base-1.0-{shape}", "fingerprint": "random"}
+    return SDXLBackend(random_sdxl_pipeline(device, shape=shape), identity, device, dtype)

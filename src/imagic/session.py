@@ -201,6 +201,18 @@ class EditSession:
             )
         return path
 
+    @staticmethod
+    def read_manifest(path: str | os.PathLike) -> dict:
+        """A session folder's manifest, read and checked as `load` checks it, without loading
+        its tensors (to list sessions cheaply). A problem is one SessionError naming the file."""
+        folder = Path(path)
+        if not os.path.lexists(folder / "manifest.json"):
+            raise SessionError(f"{folder} is not an imagic session (no manifest.json)")
+        manifest_file = folder / "manifest.json"
+        manifest = _read_manifest(_regular_file(folder, "manifest.json"), manifest_file)
+        _check_manifest(manifest, manifest_file)
+        return manifest
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditSession:
         """Read a session folder, checking everything that needs no model: each file is a
@@ -209,11 +221,8 @@ class EditSession:
         `check_model` checks the rest against the loaded model. A problem is one SessionError
         naming the file."""
         folder = Path(path)
-        if not os.path.lexists(folder / "manifest.json"):
-            raise SessionError(f"{folder} is not an imagic session (no manifest.json)")
-        manifest_file = folder / "manifest.json"
-        manifest = _read_manifest(_regular_file(folder, "manifest.json"), manifest_file)
-        config = _check_manifest(manifest, manifest_file)
+        manifest = cls.read_manifest(folder)
+        config = _check_manifest(manifest, folder / "manifest.json")
         files = {name: _regular_file(folder, name) for name in FILES[1:]}
         e_tgt, e_opt = _read_embeddings(files["embeddings.safetensors"],
                                         folder / "embeddings.safetensors")

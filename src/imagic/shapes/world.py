@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -504,8 +505,10 @@ def random_caption_and_scene(rng: np.random.Generator | int | None = None) -> tu
     return scene, caption(scene, rng=rng)
 
 
-# The example images shipped under examples/ (scripts/make_examples.py renders them): file
-# name -> (seed, attributes) of the scene, so an edit of one can be scored against it.
+# The example images shipped in the package (scripts/make_examples.py renders them; the
+# repository's examples/ links here): file name -> (seed, attributes) of the scene, so an edit
+# of one can be scored against it.
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
 EXAMPLES: dict[str, tuple[int, dict]] = {
     "large-red-circle-top-left": (
         3, dict(shape="circle", colour="red", size="large", position="top left")),

@@ -20,11 +20,11 @@ from ..cli import describe_os_error  # noqa: E402
 from ..cli.options import parse_eta_or_auto, parse_seeds  # noqa: E402
 from ..errors import ImagicError  # noqa: E402
 from ..presets import PRESETS, SAMPLERS, STARTS  # noqa: E402
+from ..shapes.world import EXAMPLES_DIR  # noqa: E402
 from .studio import Cancelled, EditRequest, Render, Studio  # noqa: E402
 
 log = logging.getLogger("imagic.ui")
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"  # the repository's, if any
 EXAMPLE_TEXTS = {  # a target text for each shipped example
     "large-red-circle-top-left.png": "a large blue circle at the top left",
     "small-yellow-square-center.png": "a small yellow circle at the center",

@@ -425,17 +425,10 @@ class Studio:
 
 
 def _read_session_manifest(folder: Path) -> dict:
-    """A session's manifest, read and checked as `EditSession.load` reads it, without loading
-    its tensors (for the list; opening an entry loads all of it)."""
-    from ..session import _check_manifest, _read_manifest, _regular_file
-
+    """A session's manifest, checked, without its tensors (for the list)."""
     if not folder.is_dir():
         raise SessionError(f"{folder.parent} holds no session folder")
-    if not os.path.lexists(folder / "manifest.json"):
-        raise SessionError(f"{folder} is not an imagic session (no manifest.json)")
-    manifest = _read_manifest(_regular_file(folder, "manifest.json"), folder / "manifest.json")
-    _check_manifest(manifest, folder / "manifest.json")
-    return manifest
+    return EditSession.read_manifest(folder)
 
 
 def _last_render(folder: Path, session: EditSession) -> _Open:
