@@ -222,3 +222,16 @@ def test_clip_score_is_100_times_the_clipped_cosine_of_the_projected_embeddings(
         out = model(**processor(text=[text], images=images, return_tensors="pt", padding=True))
     cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
     assert scores == pytest.approx((100 * cosine.clamp(min=0)).tolist(), abs=1e-3)
+
+
+def test_tedbench_takes_every_photo_family_and_refuses_the_shapes_models():
+    from types import SimpleNamespace
+
+    from imagic.backends import PHOTO_FAMILIES, require_family
+
+    for family in ("stable-diffusion", "sdxl", "sd3", "flux", "deepfloyd-if"):
+        require_family(SimpleNamespace(family=family, identity={}), PHOTO_FAMILIES, "TEdBench")
+    shapes = SimpleNamespace(family="pixel-cascade", identity={"source": "imagic:shapes-32"})
+    with pytest.raises(InputError, match="needs a stable-diffusion, sdxl, sd3, flux or "
+                                         "deepfloyd-if model; imagic:shapes-32 is pixel-cascade"):
+        require_family(shapes, PHOTO_FAMILIES, "TEdBench")

@@ -98,8 +98,15 @@ def load_backend(
     return load_stable_diffusion(model, torch_device, torch_dtype, allow_pickle, config, revision)
 
 
-def require_family(backend, family: str, what: str) -> None:
-    """One line when a command that needs one family of model is given another."""
-    if backend.family != family:
-        raise InputError(f"{what} needs a {family} model; "
+PHOTO_FAMILIES = ("stable-diffusion", "sdxl", "sd3", "flux", "deepfloyd-if")
+
+
+def require_family(backend, family: str | tuple[str, ...], what: str) -> None:
+    """One line when a command that needs one family of model (or one of several) is given
+    another."""
+    families = (family,) if isinstance(family, str) else family
+    if backend.family not in families:
+        named = " or ".join(families) if len(families) < 3 else (
+            ", ".join(families[:-1]) + " or " + families[-1])
+        raise InputError(f"{what} needs a {named} model; "
                          f"{backend.identity.get('source', 'this one')} is {backend.family}")

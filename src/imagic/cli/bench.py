@@ -194,7 +194,7 @@ def cmd_shapes(args) -> int:
 
 
 def cmd_tedbench(args) -> int:
-    from ..backends import require_family, resolve_device
+    from ..backends import PHOTO_FAMILIES, require_family, resolve_device
     from ..bench import require_plotting
     from ..bench.tedbench import DEFAULT_CLIP, check_settings, load_metrics, read_pairs, run
     from ..outputs import check_out_dir
@@ -208,7 +208,7 @@ def cmd_tedbench(args) -> int:
     out = check_out_dir(args.out)
     metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
     backend = load_model(args, args.model)
-    require_family(backend, "stable-diffusion", "TEdBench (photos)")
+    require_family(backend, PHOTO_FAMILIES, "TEdBench (photos)")
     config = _recipe(args, backend.default_preset)
     path = run(backend, args.data, out, config, metrics, seeds=args.seeds, etas=args.eta,
                keep_sessions=args.keep_sessions, limit=args.limit, quiet=args.quiet)
