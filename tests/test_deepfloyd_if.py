@@ -315,3 +315,37 @@ def test_random_if_has_the_if_i_xl_and_if_ii_l_architectures():
     assert (backend.resolution, backend.output_resolution) == (64, 256)
     assert backend.unet.config.encoder_hid_dim == 4096 == backend.text_encoder.config.d_model
     assert backend.stages[SR_STAGE].unet.config.class_embed_type == "timestep"
+
+
+def test_a_sentencepiece_only_t5_tokenizer_loads_as_deepfloyds_folders_ship_it(models, tmp_path):
+    """DeepFloyd's IF-I folders hold T5's tokenizer as spiece.model alone (no tokenizer.json);
+    imagic's dependencies read it."""
+    import io
+    import json
+    import shutil
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    folder = tmp_path / "IF-I-spiece"
+    shutil.copytree(models / "IF-I-tiny", folder)
+    shutil.copytree(models / "IF-II-tiny", tmp_path / "IF-II-tiny")
+    spm = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a cat sat", "a sad cat"] * 20),  # ids below the tiny T5's
+        model_writer=spm, vocab_size=10, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, minloglevel=2)
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "spiece.model").write_bytes(spm.getvalue())
+    T5Tokenizer(vocab_file=str(folder / "tokenizer" / "spiece.model"), extra_ids=0,
+                model_max_length=77).save_pretrained(folder / "tokenizer")
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "T5Tokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    backend = load_backend(str(folder), device="cpu")
+    cond = backend.encode_text(["a cat sat"])
+    assert torch.isfinite(cond.hidden_states).all()
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == [
+        "spiece.model", "tokenizer_config.json"]

@@ -312,3 +312,16 @@ def test_random_sdxl_has_sdxl_base_architecture():
     assert backend.unet.config.cross_attention_dim == 2048
     assert backend.text_encoder_2.config.projection_dim == 1280
     assert backend.time_ids.shape == (1, 6) and backend.sampler_config.clip_sample is False
+
+
+def test_ddim_never_clips_sdxl_latents_whatever_the_scheduler_config():
+    """DDIM's own default clips x0 to [-1, 1], right for pixels and wrong for latents; an SDXL
+    scheduler config that leaves clip_sample out (or sets it) must not clip the latents."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = build_tiny_sdxl()
+    unsaid = {k: v for k, v in BENCHMARK.SCHEDULER.items() if k != "clip_sample"}
+    for config in (unsaid, unsaid | {"clip_sample": True}):
+        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+        backend = SDXLBackend(pipe, {"source": "tiny"}, torch.device("cpu"), torch.float32)
+        assert backend.sampler_config.clip_sample is False

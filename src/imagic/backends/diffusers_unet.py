@@ -37,6 +37,9 @@ class UNetBackend:
     family = "unet"
     default_preset = "paper"  # presets.py
     auxiliary_stages: tuple[str, ...] = ()
+    # whether x0 lies in [-1, 1] (pixels), so DDIM may clip its prediction there as the config
+    # says; a latent model's does not, and DDIM never clips it (as diffusers' SD pipeline does)
+    bounded_samples = True
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler_config, identity: dict,
                  device: torch.device, dtype: torch.dtype):
@@ -54,7 +57,8 @@ class UNetBackend:
         # The training loss draws x_t with the model's own noise schedule (DDPM form); sampling
         # uses DDIM on the same betas (the paper's 50 DDIM steps).
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-        self.sampler_config = DDIMScheduler.from_config(scheduler_config).config
+        latent = {} if self.bounded_samples else {"clip_sample": False}
+        self.sampler_config = DDIMScheduler.from_config(scheduler_config, **latent).config
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"prediction type {self.prediction_type!r} is not supported")

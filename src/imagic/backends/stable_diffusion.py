@@ -22,6 +22,7 @@ class StableDiffusionBackend(UNetBackend):
     """Latent diffusion: the UNet works on VAE latents; the VAE is frozen (half on CUDA)."""
 
     family = "stable-diffusion"
+    bounded_samples = False  # latents
 
     def __init__(self, pipe, identity: dict, device: torch.device, dtype: torch.dtype):
         super().__init__(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler.config,
