@@ -130,29 +130,8 @@ class DeepFloydIFBackend(PixelCascadeBackend):
 
     # -- stage 3 ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def sample_base(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-                    strength=1.0, sampler="ddim", x_start=None):
-        """`UNetBackend.sample_base`, with noise of x0's 3 channels (it takes the UNet's
-        out_channels, 6 here: ε and variance)."""
-        if x0 is not None and x_start is not None:
-            raise ValueError("give x0 (SDEdit) or x_start (an inversion), not both")
-        self._settle()
-        scheduler = make_sampler(sampler, self.sampler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        timesteps = scheduler.timesteps
-        n = len(generators)
-        shape = (1, self.channels, self.resolution, self.resolution)
-        if x_start is not None:  # the input's inversion: the generators are not used
-            x = x_start.to(self.device, torch.float32).expand(n, -1, -1, -1).clone()
-        else:
-            x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-            if x0 is None:
-                x = x * scheduler.init_noise_sigma
-            else:  # SDEdit: noise x0 to the strength's timestep, denoise from there
-                timesteps = timesteps[steps - max(1, round(steps * strength)):]
-                x = scheduler.add_noise(x0.expand(n, -1, -1, -1), x, timesteps[:1].repeat(n))
-        return self.denoise("base", scheduler, x, timesteps, conds, uncond, guidance, progress)
+    def noise_shape(self) -> tuple[int, ...]:
+        return (1, self.channels, self.resolution, self.resolution)  # x0's 3, not ε and variance
 
     @torch.no_grad()
     def upsample(self, stage, low, conds, uncond, generators, steps, sampler="ddim",

@@ -317,6 +317,11 @@ class UNetBackend:
         return self.decode(self.sample_base(conds, uncond, generators, steps, guidance, progress,
                                             x0, strength, sampler, x_start))
 
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one image's starting noise in the base UNet's space."""
+        size = self.unet.config.sample_size
+        return (1, self.unet.config.out_channels, size, size)
+
     @torch.no_grad()
     def sample_base(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
                     strength=1.0, sampler="ddim", x_start=None) -> torch.Tensor:
@@ -328,8 +333,7 @@ class UNetBackend:
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
         n = len(generators)
-        size = self.unet.config.sample_size
-        shape = (1, self.unet.config.out_channels, size, size)
+        shape = self.noise_shape()
         if x_start is not None:  # the input's inversion: the generators are not used
             x = x_start.to(self.device, torch.float32).expand(n, -1, -1, -1).clone()
         else:

@@ -301,6 +301,20 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def load_flow_pipeline(pipeline_class, transformer_class, what: str, required: Sequence[str],
+                       model: str, allow_pickle: bool, config: str | None,
+                       revision: str | None):
+    """(pipeline, identity) of a flow family, loaded as diffusers loads it and checked: every
+    component in `required`, and a transformer of the family's class; one line otherwise."""
+    from .stable_diffusion import load_pipeline
+
+    check_folder(model, required, what)
+    pipe, identity = load_pipeline(pipeline_class, what, model, allow_pickle, config, revision)
+    check_transformer(pipe, transformer_class, what, identity["source"])
+    require_components(pipe, required, what, identity["source"])
+    return pipe, identity
+
+
 def check_transformer(pipe, expected: type, what: str, source: str) -> None:
     """A pipeline whose model_index.json names one family but whose transformer is another's
     (a copied or hand-edited folder) fails here, in one line, rather than deep in a forward."""

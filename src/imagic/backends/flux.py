@@ -15,7 +15,7 @@ import torch
 from ..errors import ModelError
 from .base import TextCond
 from .diffusers_unet import weights_fingerprint
-from .flow import FlowBackend, check_folder, check_transformer, require_components
+from .flow import FlowBackend, load_flow_pipeline
 
 # train_dreambooth_lora_flux.py's default --guidance_scale, FluxPipeline's default guidance_scale:
 # the embedding value of stages 1 and 2 (and of the inversion)
@@ -119,15 +119,9 @@ def load_flux(
     """Load FLUX.1 from a hub id, a local diffusers folder, or one .safetensors file."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from .stable_diffusion import load_pipeline
-
-    what = "a FLUX.1"
     required = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    check_folder(model, required, what)
-    pipe, identity = load_pipeline(FluxPipeline, what, model, allow_pickle, config, revision)
-    source = identity["source"]
-    check_transformer(pipe, FluxTransformer2DModel, what, source)
-    require_components(pipe, required, what, source)
+    pipe, identity = load_flow_pipeline(FluxPipeline, FluxTransformer2DModel, "a FLUX.1",
+                                        required, model, allow_pickle, config, revision)
     identity["fingerprint"] = weights_fingerprint(pipe.transformer, pipe.vae, pipe.text_encoder,
                                                   pipe.text_encoder_2)
     return FluxBackend(pipe, identity, device, dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .diffusers_unet import weights_fingerprint
-from .flow import FlowBackend, check_folder, check_transformer, require_components
+from .flow import FlowBackend, load_flow_pipeline, require_components
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -64,18 +64,13 @@ def load_sd3(
     """Load SD3.x from a hub id, a local diffusers folder, or one .safetensors file."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from .stable_diffusion import load_pipeline
-
     what = "a Stable Diffusion 3"
+    # T5 (text_encoder_3) is optional, as in diffusers
     required = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    check_folder(model, required, what)  # T5 (text_encoder_3) is optional, as in diffusers
-    pipe, identity = load_pipeline(StableDiffusion3Pipeline, what, model, allow_pickle, config,
-                                   revision)
-    source = identity["source"]
-    check_transformer(pipe, SD3Transformer2DModel, what, source)
-    require_components(pipe, required, what, source)
+    pipe, identity = load_flow_pipeline(StableDiffusion3Pipeline, SD3Transformer2DModel, what,
+                                        required, model, allow_pickle, config, revision)
     if pipe.text_encoder_3 is not None and pipe.tokenizer_3 is None:
-        require_components(pipe, ("tokenizer_3",), what, source)
+        require_components(pipe, ("tokenizer_3",), what, identity["source"])
     modules = [pipe.transformer, pipe.vae, *(m for m in (pipe.text_encoder, pipe.text_encoder_2,
                                                           pipe.text_encoder_3) if m is not None)]
     identity["fingerprint"] = weights_fingerprint(*modules)
