@@ -312,6 +312,13 @@ def test_random_if_has_the_if_i_xl_and_if_ii_l_architectures():
     spec.loader.exec_module(benchmark)
     backend = benchmark.random_if("meta")
     assert backend.parameter_counts() == benchmark.PARAMETERS
+    # what `imagic info` says stage 2 holds on a GPU: both UNets train in fp32 (a full
+    # fine-tune with gradients and two Adam states), T5 waits in bf16
+    real = benchmark.PARAMETERS
+    trained = real["unet"] + real[SR_STAGE]
+    assert backend.stage2_memory() == {
+        "full": round((16 * trained + 2 * real["text_encoder"]) / 1e9, 2),
+        "lora": round((4 * trained + 2 * real["text_encoder"]) / 1e9, 2)}
     assert (backend.resolution, backend.output_resolution) == (64, 256)
     assert backend.unet.config.encoder_hid_dim == 4096 == backend.text_encoder.config.d_model
     assert backend.stages[SR_STAGE].unet.config.class_embed_type == "timestep"
@@ -321,8 +328,6 @@ def test_a_sentencepiece_only_t5_tokenizer_loads_as_deepfloyds_folders_ship_it(m
     """DeepFloyd's IF-I folders hold T5's tokenizer as spiece.model alone (no tokenizer.json);
     imagic's dependencies read it."""
     import io
-    import json
-    import shutil
 
     import sentencepiece
     from transformers import T5Tokenizer

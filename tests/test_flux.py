@@ -150,3 +150,16 @@ def test_a_missing_t5_fails_in_one_line(capsys, tmp_path, flux_dir):
     (broken / "model_index.json").write_text(json.dumps(index | {"text_encoder_2": [None, None]}))
     shutil.rmtree(broken / "text_encoder_2")
     check_one_line_error(capsys, "info", broken, match="text_encoder_2")
+
+
+def test_info_says_what_stage_2_holds_on_a_gpu_without_t5(backend, monkeypatch):
+    """`imagic info`'s estimate at FLUX.1-dev's real sizes: the transformer trains (fp32, and
+    for a full fine-tune its gradients and two Adam states), CLIP and the VAE wait in bf16, and
+    T5, which leaves the GPU after encoding, is not counted."""
+    real = {"transformer": 11_901_408_320, "text_encoder": 123_060_480,
+            "text_encoder_2": 4_762_310_656, "vae": 83_819_683}
+    monkeypatch.setattr(backend, "parameter_counts", lambda: real)
+    frozen = real["text_encoder"] + real["vae"]
+    assert backend.info()["stage2_gpu_gb"] == {
+        "full": round((16 * real["transformer"] + 2 * frozen) / 1e9, 2),
+        "lora": round((4 * real["transformer"] + 2 * frozen) / 1e9, 2)}

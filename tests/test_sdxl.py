@@ -312,6 +312,11 @@ def test_random_sdxl_has_sdxl_base_architecture():
     assert backend.unet.config.cross_attention_dim == 2048
     assert backend.text_encoder_2.config.projection_dim == 1280
     assert backend.time_ids.shape == (1, 6) and backend.sampler_config.clip_sample is False
+    # `imagic info`: a full stage 2 holds 16 bytes per UNet weight, the rest in bf16; LoRA 4
+    frozen = sum(BENCHMARK.PARAMETERS.values()) - BENCHMARK.PARAMETERS["unet"]
+    assert backend.stage2_memory() == {
+        "full": round((16 * BENCHMARK.PARAMETERS["unet"] + 2 * frozen) / 1e9, 2),
+        "lora": round((4 * BENCHMARK.PARAMETERS["unet"] + 2 * frozen) / 1e9, 2)}
 
 
 def test_ddim_never_clips_sdxl_latents_whatever_the_scheduler_config():

@@ -402,6 +402,22 @@ class UNetBackend:
     def parameter_counts(self) -> dict[str, int]:
         return {"unet": _count(self.unet), "text_encoder": _count(self.text_encoder)}
 
+    # the parameter_counts() entries stage 2 trains, and those that wait in host memory
+    trained_parts: tuple[str, ...] = ("unet",)
+    offloaded_parts: tuple[str, ...] = ()
+
+    def stage2_memory(self) -> dict[str, float]:
+        """GB that stage 2 holds on a GPU before activations, per mode: the trained weights in
+        fp32 (θ trains in fp32), for a full fine-tune with their gradients and two Adam states
+        (16 bytes a weight; a LoRA adapter's are a few MB), and the frozen parts in bf16."""
+        counts = self.parameter_counts()
+        trained = sum(n for name, n in counts.items()
+                      if name in self.trained_parts or name in self.auxiliary_stages)
+        frozen = sum(counts.values()) - trained - sum(
+            counts.get(name, 0) for name in self.offloaded_parts)
+        return {"full": round((16 * trained + 2 * frozen) / 1e9, 2),
+                "lora": round((4 * trained + 2 * frozen) / 1e9, 2)}
+
     def info(self) -> dict:
         return {
             "family": self.family,
@@ -413,6 +429,7 @@ class UNetBackend:
             "text_tokens": self.max_text_tokens,
             "text_embedding": self.text_encoder.config.hidden_size,
             "parameters": self.parameter_counts(),
+            "stage2_gpu_gb": self.stage2_memory(),
         }
 
 

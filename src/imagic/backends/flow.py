@@ -41,6 +41,7 @@ class FlowBackend(UNetBackend):
     """
 
     family = "flow"
+    trained_parts = ("transformer",)
     prediction_type = "flow"
     # diffusers' training scripts: --weighting_scheme and its parameters (families override)
     weighting_scheme = "none"
@@ -68,6 +69,7 @@ class FlowBackend(UNetBackend):
         self.vae = pipe.vae.to(device, self.frozen_dtype)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.t5_name = t5_name
+        self.offloaded_parts = (t5_name,)  # T5 leaves the GPU after every encoding
         self.text_sequence_length = t5_tokens  # the pipeline's max_sequence_length for T5
         # the tokens the longest reader takes: T5's, or CLIP's where SD3 runs without T5
         has_t5 = getattr(pipe, t5_name, None) is not None
@@ -294,6 +296,7 @@ class FlowBackend(UNetBackend):
             "text_tokens": self.max_text_tokens,
             "text_embedding": self.unet.config.joint_attention_dim,
             "parameters": self.parameter_counts(),
+            "stage2_gpu_gb": self.stage2_memory(),
         }
 
 

@@ -164,7 +164,10 @@ def cmd_info(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "stage2_gpu_gb":  # an estimate: say what it counts
+            value = (f"full {value['full']:g}, lora {value['lora']:g} (weights, gradients and "
+                     "Adam states a GPU must hold, before activations)")
+        elif isinstance(value, dict):
             value = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                               for k, v in value.items())
         print(f"{key:16} {value}")
