@@ -22,6 +22,7 @@ from imagic.cli import main
 from imagic.editor import finetune, optimize_embedding
 from imagic.errors import ModelError
 from imagic.presets import PRESETS
+from imagic.tokenizer import word_level_t5_tokenizer
 
 WORDS = ["a", "photo", "of", "the", "dog", "cat", "sitting", "standing", "red", "blue", "with",
          "hat", "on", "grass"]
@@ -33,20 +34,6 @@ RECIPE = EditConfig(embed_steps=2, finetune_steps=2, aux_finetune_steps=2, finet
                     guidance=2.0)
 FAST = ["--embed-steps", "2", "--finetune-steps", "2", "--aux-finetune-steps", "2",
         "--sample-steps", "2", "--quiet"]
-
-
-def t5_tokenizer():
-    """A T5-style fast tokenizer over WORDS: pad 0, end-of-text 1 appended, unknown 2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                            special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>", model_max_length=77)
 
 
 def tiny_unet(super_resolution: bool):
@@ -77,7 +64,7 @@ def build_tiny_if(seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = t5_tokenizer()
+    tokenizer = word_level_t5_tokenizer(WORDS)
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=T5_WIDTH, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,

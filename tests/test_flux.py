@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_photo
+from conftest import WORDS, make_photo
 from imagic import load_backend
 from imagic.images import to_square
+from imagic.tokenizer import word_level_t5_tokenizer
 from test_sd3 import (
     CLI_FAST,
     TEXT,
@@ -21,7 +22,6 @@ from test_sd3 import (
     check_stage1,
     check_stage2,
     run,
-    t5_tokenizer,
     tiny_clip,
     tiny_t5,
     tiny_vae,
@@ -39,7 +39,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
         guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
     clip, tokenizer = tiny_clip(with_projection=False)
-    tokenizer_2 = t5_tokenizer()
+    tokenizer_2 = word_level_t5_tokenizer(WORDS, max_length=TOKENS)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1's scheduler config

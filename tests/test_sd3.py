@@ -17,6 +17,7 @@ from imagic import EditConfig, Imagic, load_backend
 from imagic.cli import main
 from imagic.editor import finetune, optimize_embedding
 from imagic.images import to_square
+from imagic.tokenizer import word_level_t5_tokenizer
 
 TOKENS = 16  # every tiny text encoder reads 16 tokens
 TEXT = "a photo of a sitting dog"
@@ -25,24 +26,6 @@ QUICK = EditConfig(embed_steps=15, embed_lr=5e-2, finetune_steps=15, finetune_lr
                    etas=(0.0, 1.0), guidance=3.0)
 CLI_FAST = ["--embed-steps", "3", "--finetune-steps", "3", "--sample-steps", "2",
             "--timesteps-per-step", "1", "--quiet"]
-
-
-def t5_tokenizer(words=WORDS, max_length: int = TOKENS):
-    """A T5-style tokenizer (pad 0, eos 1, unk 2; "</s>" closes every text) over `words`: a
-    tokenizers WordLevel model wrapped as transformers' fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in sorted(set(words)):
-        vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                             special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
 
 
 def tiny_t5(tokenizer, width: int):
@@ -94,7 +77,7 @@ def build_tiny_sd3(seed: int = 0):
         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=32)
     clip_l, tokenizer = tiny_clip(with_projection=True)
     clip_g, tokenizer_2 = tiny_clip(with_projection=True)
-    tokenizer_3 = t5_tokenizer()
+    tokenizer_3 = word_level_t5_tokenizer(WORDS, max_length=TOKENS)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(), text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g,

@@ -80,28 +80,14 @@ TINY = dict(
 REAL = dict(unet=IF_I_UNET, sr256=IF_II_UNET, text_encoder=TEXT_ENCODER)
 
 
-def t5_word_tokenizer(words=WORDS, max_length: int = 77):
-    """A T5-style fast tokenizer that knows `words` (pad 0, end-of-text 1 appended, unknown 2):
-    the real sentencepiece model is not downloaded; its ids lie in T5's vocabulary's range."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                            special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
-
-
 def random_if_pipelines(device: str | torch.device = "cpu", seed: int = 0, shape: str = "real"):
     """(IFPipeline, IFSuperResolutionPipeline) of IF-I-XL's and IF-II-L's architectures with
     random weights, each made on `device` ("meta": shapes only; `shape` "tiny": a CPU
     stand-in)."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
+
+    from imagic.tokenizer import word_level_t5_tokenizer
 
     spec = TINY if shape == "tiny" else REAL
     torch.manual_seed(seed)
@@ -111,7 +97,8 @@ def random_if_pipelines(device: str | torch.device = "cpu", seed: int = 0, shape
         text_encoder = T5EncoderModel(T5Config(**spec["text_encoder"]))
     unused = dict(safety_checker=None, feature_extractor=None, watermarker=None,
                   requires_safety_checker=False)
-    if_i = IFPipeline(tokenizer=t5_word_tokenizer(), text_encoder=text_encoder, unet=unet,
+    if_i = IFPipeline(tokenizer=word_level_t5_tokenizer(WORDS), text_encoder=text_encoder,
+                      unet=unet,
                       scheduler=DDPMScheduler(**IF_I_SCHEDULER), **unused)
     if_ii = IFSuperResolutionPipeline(
         tokenizer=None, text_encoder=None, unet=sr_unet,

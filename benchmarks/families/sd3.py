@@ -63,22 +63,6 @@ SHAPES = {
 }
 
 
-def word_level_t5_tokenizer(words, max_length: int):
-    """A T5-style tokenizer (pad 0, eos 1, unk 2; "</s>" closes every text) over `words`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in sorted(set(words)):
-        vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                             special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>", model_max_length=max_length)
-
-
 def text_encoders(spec: dict, device: torch.device, dtype: torch.dtype, projection: bool = True):
     """CLIP-L (with its projection for SD3, plain for FLUX), CLIP-G when `spec` has it, and the
     T5 encoder, built on `device` and cast to `dtype`, with their tokenizers."""
@@ -90,7 +74,7 @@ def text_encoders(spec: dict, device: torch.device, dtype: torch.dtype, projecti
         T5EncoderModel,
     )
 
-    from imagic.tokenizer import word_level_clip_tokenizer
+    from imagic.tokenizer import word_level_clip_tokenizer, word_level_t5_tokenizer
 
     clip_tokens, t5_tokens = spec["tokens"]
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)

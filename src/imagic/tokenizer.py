@@ -1,4 +1,4 @@
-"""A CLIP tokenizer whose vocabulary is a fixed list of words.
+"""CLIP and T5 tokenizers whose vocabulary is a fixed list of words.
 
 Small models (the embedded ShapesWorld model, the tests' tiny Stable Diffusion) speak a small
 language. Rather than ship CLIP's 49k-token BPE files, we build the same `CLIPTokenizer` class from
@@ -48,3 +48,22 @@ def word_level_clip_tokenizer(words: Iterable[str], max_length: int = 77):
             vocab.setdefault(pieces[0], len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=max_length,
                          bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+
+
+def word_level_t5_tokenizer(words: Iterable[str], max_length: int = 77):
+    """A T5-style fast tokenizer with one token per word of `words` (pad 0, end-of-text 1,
+    unknown 2; "</s>" closes every text), for tiny T5 encoders in tests and benchmarks: the real
+    sentencepiece model is not downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in sorted(set(words)):
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
