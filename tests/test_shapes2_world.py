@@ -465,3 +465,40 @@ def test_missing_and_moved_pebbles_are_noticed() -> None:
             moved = scene.replace(pebbles=((x, y, r), *scene.pebbles[1:]))
             assert match_pebbles(centres, find_pebbles(render(moved), exclude)) == (
                 len(centres) - 1, 1)
+
+
+def test_the_shipped_examples_are_renders_and_score_edit_reads_their_edits(tmp_path, capsys):
+    """Each ShapesWorld 2 example file is its scene's render; `imagic bench score-edit` scores
+    an edit of one against the scene its edit asks for: the target scene's own render succeeds,
+    the unchanged input does not, and an edit that asked for another text is refused."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from imagic.cli import main
+    from imagic.shapes2.world import EXAMPLES, example_scenes
+
+    folder = Path(__file__).resolve().parent.parent / "examples"
+    for name in EXAMPLES:
+        source, target = example_scenes(name)
+        with Image.open(folder / f"{name}.png") as image:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), render(source))
+    source, target = example_scenes("purple-cat-standing")
+    assert [t.pose for t in target.things] == ["sitting"]
+    Image.fromarray(render(target)).save(tmp_path / "edited.png")
+    Image.fromarray(render(source)).save(tmp_path / "unchanged.png")
+    images = [{"file": "edited.png", "eta": 1.0, "seed": 0},
+              {"file": "unchanged.png", "eta": 0.0, "seed": 0}]
+    manifest = {"image": str(folder / "purple-cat-standing.png"), "images": images,
+                "text": "a large purple cat sitting on the right"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["bench", "score-edit", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "η 1.00 seed 0: target yes, others kept yes, identity yes" in printed
+    assert "η 0.00 seed 0: target no" in printed
+    assert printed.strip().endswith("success (target, the rest kept, identity) 1/2")
+    manifest["text"] = "a large purple cat lying on the right"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["bench", "score-edit", str(tmp_path)]) == 2
+    assert "scores purple-cat-standing's own edit" in capsys.readouterr().err

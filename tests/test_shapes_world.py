@@ -380,9 +380,10 @@ def test_the_shipped_examples_are_renders_of_their_recorded_scenes() -> None:
     from PIL import Image
 
     from imagic.shapes.world import EXAMPLES
+    from imagic.shapes2.world import EXAMPLES as EXAMPLES2
 
     folder = Path(__file__).resolve().parent.parent / "examples"
-    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(EXAMPLES)
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(EXAMPLES | EXAMPLES2)
     for name, (seed, attributes) in EXAMPLES.items():
         with Image.open(folder / f"{name}.png") as image:
             small = np.asarray(image.convert("RGB"))[::4, ::4]

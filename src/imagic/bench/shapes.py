@@ -501,8 +501,9 @@ def merge_runs(run: Path, workers: list[Path]) -> int:
 
 def score_edit(out: Path) -> str:
     """Score an `imagic edit` of one of the shipped example images (examples/, renders of
-    known scenes) with the detectors: per output, the attributes read, the others kept, the
-    input's pebbles kept and the background PSNR; then the counts."""
+    known scenes; a ShapesWorld 2 example: `shapes2.score_example`) with the detectors: per
+    output, the attributes read, the others kept, the input's pebbles kept and the background
+    PSNR; then the counts."""
     manifest_path = out / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -511,15 +512,21 @@ def score_edit(out: Path) -> str:
         raise InputError(f"{out} is not the output folder of `imagic edit` (no readable "
                          "manifest.json naming its image)") from None
     name = Path(image).stem
+    entries = [e for e in images if not e.get("auto")]  # auto-η copies one of them
+    from ..shapes2.world import EXAMPLES as EXAMPLES2
+
+    if name in EXAMPLES2:  # a ShapesWorld 2 example, scored by that world's detectors
+        from .shapes2 import score_example
+
+        return score_example(out, name, text, entries)
     if name not in EXAMPLES:
         raise InputError(f"{image} is not one of the shipped examples "
-                         f"({', '.join(sorted(EXAMPLES))})")
+                         f"({', '.join(sorted(EXAMPLES | EXAMPLES2))})")
     source = sample_scene(EXAMPLES[name][0], **EXAMPLES[name][1])
     asked = {k: v for k, v in parse_caption(text).items() if v is not None}
     target = {k: v for k, v in asked.items() if v != source.attributes[k]}
     lines = [f"{name}: {text!r} asks for {target}"]
     counts = {"target": 0, "target_and_kept": 0, "all_and_pebbles": 0}
-    entries = [e for e in images if not e.get("auto")]  # auto-η copies one of them
     for entry in entries:
         with Image.open(out / entry["file"]) as picture:
             c = check_edit(picture.convert("RGB"), source, target)

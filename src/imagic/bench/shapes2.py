@@ -28,6 +28,8 @@ from ..shapes2.world import (
     add_thing,
     caption,
     edit_thing,
+    example_scenes,
+    parse_caption,
     remove_thing,
     render,
     sample_scene,
@@ -97,3 +99,35 @@ def select_cases(end: int, start: int = 0, held_out: bool = False) -> list[Case2
         raise InputError(f"--from-case must lie in [0, --cases), got {start}")
     seed = SEEDS["held-out" if held_out else "tune"]
     return [make_case(i, KINDS[i % len(KINDS)], seed) for i in range(start, end)]
+
+
+def score_example(out, name: str, text: str, entries: list[dict]) -> str:
+    """`imagic bench score-edit` on an edit of one of this world's shipped examples: each
+    output checked against the scene the example's edit asks for (`check_edit`: target, the
+    rest kept, identity, pebbles, background PSNR), then the counts."""
+    source, target = example_scenes(name)
+    wanted = caption(target, prefix=0)
+    if sorted_objects(text) != sorted_objects(wanted):
+        raise InputError(f"score-edit scores {name}'s own edit, {wanted!r}; this edit asked for "
+                         f"{text!r}")
+    lines = [f"{name}: {text!r}"]
+    success = 0
+    for entry in entries:
+        with Image.open(out / entry["file"]) as picture:
+            c = check_edit(picture.convert("RGB"), source, target)
+        success += c["success"]
+        lines.append(
+            f"  η {entry['eta']:.2f} seed {entry['seed']}: target {_yes(c['target'])}, others "
+            f"kept {_yes(c['kept'])}, identity {_yes(c['identity'])}, pebbles "
+            f"{_yes(c['pebbles'])}, background PSNR {c['background_psnr']:.1f} dB")
+    lines.append(f"success (target, the rest kept, identity) {success}/{len(entries)}")
+    return "\n".join(lines)
+
+
+def sorted_objects(text: str) -> list[dict]:
+    """A caption's objects as `parse_caption` reads them, in one order whatever the wording."""
+    return sorted(parse_caption(text), key=lambda thing: str(thing["position"]))
+
+
+def _yes(ok) -> str:
+    return "yes" if ok else "no"

@@ -980,3 +980,28 @@ def random_caption_and_scene(rng: np.random.Generator | int | None = None) -> tu
     rng = as_rng(rng)
     scene = sample_scene(rng)
     return scene, caption(scene, rng=rng)
+
+
+# The example images of this world shipped in the package (scripts/make_examples.py renders
+# them): file name -> (scene seed, the edit its example text asks for), so that an edit of one
+# can be scored against the scene the text describes (`example_scenes`).
+EXAMPLES: dict[str, tuple[int, dict[str, Any]]] = {
+    "purple-cat-standing": (0, {"edit": "pose", "at": "right", "pose": "sitting"}),
+    "triangle-and-cat": (4, {"edit": "remove", "at": "middle"}),
+    "green-triangle": (2, {"edit": "add", "at": "right", "kind": "circle", "colour": "red",
+                           "size": "small"}),
+}
+
+
+def example_scenes(name: str) -> tuple[Scene, Scene]:
+    """(source, target) of a shipped example: the scene its image shows, and that scene with
+    the example's edit (an added object's unnamed details are drawn from the same seed)."""
+    seed, edit = EXAMPLES[name]
+    source = sample_scene(seed)
+    changes = {k: v for k, v in edit.items() if k not in ("edit", "at")}
+    if edit["edit"] == "remove":
+        return source, remove_thing(source, edit["at"])
+    if edit["edit"] == "add":
+        return source, add_thing(source, sample_thing_for(source, seed, position=edit["at"],
+                                                          **changes))
+    return source, edit_thing(source, edit["at"], **changes)
