@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import Backend, TextCond
 from .errors import InputError
+from .forgetting import forget
 from .images import check_size, min_side, to_square, upright_rgb
 from .presets import EditConfig, get_preset
 from .session import EditSession
@@ -112,6 +113,23 @@ def interpolate(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
     return e_opt.lerp(e_tgt, eta)
 
 
+def vector_projection(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
+    """Stage 3 as Forgedit's "vector projection" mixes the embeddings: ē = e_opt + η·e_⊥, with
+    e_⊥ the part of e_tgt orthogonal to e_opt, per token over the channels (per row for a
+    pooled embedding). η = 0 reconstructs the input; the part of e_tgt along e_opt, which
+    would scale the input's own embedding, is left out. (Forgedit also scales e_opt by an
+    identity weight swept around 1; here it is 1, so η = 0 is the input at every η grid.)"""
+    def mix(tgt: torch.Tensor, opt: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(opt, dim=-1)
+        along = (tgt * unit).sum(-1, keepdim=True) * unit
+        return opt + eta * (tgt - along)
+    tensors = e_tgt.tensors()
+    return TextCond.from_tensors({k: mix(v, e_opt.tensors()[k]) for k, v in tensors.items()})
+
+
+INTERPOLATE = {"linear": interpolate, "vp": vector_projection}  # EditConfig.interpolation
+
+
 @dataclass
 class EditImage:
     """One output of stage 3."""
@@ -121,34 +139,36 @@ class EditImage:
     image: Image.Image
 
 
+STAGE3_OPTIONS = ("guidance", "sample_steps", "sampler", "start", "interpolation", "forget",
+                  "forget_strength")  # the EditConfig fields stage 3 can change per render
+
+
 def generate(
     backend: Backend,
     session: EditSession,
     etas: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
-    guidance: float | None = None,
-    sample_steps: int | None = None,
     quiet: bool = False,
-    sampler: str | None = None,
-    start: str | None = None,
+    **stage3,
 ) -> list[EditImage]:
     """Stage 3: sample with θ' = θ + delta at ē(η) for every (seed, η), in batches.
 
     Image (seed, η) starts from noise drawn by a generator seeded with `seed` alone, so the same
     seed gives the same starting noise at every η, and batching never changes a picture. With
     start "inversion" every image starts from x_T, the input's DDIM inversion under θ' and
-    e_opt, instead (not in the paper).
+    e_opt, instead (not in the paper). `stage3` overrides the session's STAGE3_OPTIONS (None:
+    the session's); forgetting applies to θ' before anything is sampled or inverted.
     """
+    unknown = sorted(set(stage3) - set(STAGE3_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown stage 3 option(s): {', '.join(unknown)}")
     config = session.config
     config = replace(
         config,
         etas=tuple(config.etas if etas is None else etas),
         seeds=tuple(config.seeds if seeds is None else seeds),
-        guidance=config.guidance if guidance is None else guidance,
-        sample_steps=config.sample_steps if sample_steps is None else sample_steps,
-        sampler=config.sampler if sampler is None else sampler,
-        start=config.start if start is None else start,
-    )  # replace() re-runs the checks on η, seeds, guidance, steps, sampler and start
+        **{k: v for k, v in stage3.items() if v is not None},
+    )  # replace() re-runs the checks on every stage 3 field
     session.check_model(backend)
     check_sample_steps(backend, config.sample_steps, config.sampler)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
@@ -157,14 +177,16 @@ def generate(
     e_opt = session.e_opt.map(lambda t: t.to(backend.device))
     results: list[EditImage] = []
     bar = tqdm(total=len(jobs), desc="stage 3/3 generate", unit="img", disable=quiet)
-    with backend.apply_delta(session.delta):
+    mix = INTERPOLATE[config.interpolation]
+    with backend.apply_delta(forget(backend, session.delta, config.forget,
+                                    config.forget_strength)):
         x_start = None
         if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
             x0 = backend.encode_image(session.input_image)
             x_start = backend.invert(x0, e_opt, config.sample_steps)
         for first in range(0, len(jobs), config.sample_batch):
             chunk = jobs[first : first + config.sample_batch]
-            conds = TextCond.cat([interpolate(e_tgt, e_opt, eta) for _, eta in chunk])
+            conds = TextCond.cat([mix(e_tgt, e_opt, eta) for _, eta in chunk])
             generators = [torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk]
             images = backend.sample(
                 conds, uncond, generators, config.sample_steps, config.guidance,
@@ -243,17 +265,12 @@ class Imagic:
         session: EditSession,
         etas: Sequence[float] | None = None,
         seeds: Sequence[int] | None = None,
-        guidance: float | None = None,
-        sample_steps: int | None = None,
-        sampler: str | None = None,
-        start: str | None = None,
+        **stage3,
     ) -> list[EditImage]:
-        """Stage 3 for a session made by `fit` or loaded with `EditSession.load`."""
+        """Stage 3 for a session made by `fit` or loaded with `EditSession.load`; `stage3`
+        overrides the session's sampling, interpolation and forgetting (STAGE3_OPTIONS)."""
         with measured(session.timings, "generate", self.backend.device):
-            images = generate(
-                self.backend, session, etas, seeds, guidance, sample_steps, quiet=self.quiet,
-                sampler=sampler, start=start,
-            )
+            images = generate(self.backend, session, etas, seeds, quiet=self.quiet, **stage3)
         return images
 
 

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .auto_eta import AUTO_ETAS
 from .errors import InputError
+from .forgetting import STRATEGIES
 
 SAMPLERS = ("ddim", "dpm++")  # stage 3's solvers (backends/diffusers_unet.make_sampler)
 STARTS = ("noise", "inversion")  # where stage 3's sampling starts (EditConfig.start)
+INTERPOLATIONS = ("linear", "vp")  # how ē mixes e_tgt and e_opt (editor.INTERPOLATE)
 CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # option value -> EditConfig.cuda_graphs
 MAX_SEED = 2**63 - 1  # torch generators take seeds up to this
 
@@ -50,6 +52,13 @@ class EditConfig:
     # schedule by DDIM under θ' and e_opt, so every η starts from the input's own noise and keeps
     # its details (not in the paper; one image per η, so one seed, and DDIM only)
     start: str = "noise"
+    # "linear": the paper's ē = η·e_tgt + (1−η)·e_opt; "vp": Forgedit's vector projection,
+    # e_opt plus η times the part of e_tgt orthogonal to it (editor.vector_projection)
+    interpolation: str = "linear"
+    # Forgedit's forgetting: groups of θ' that go back to θ while sampling (forgetting.py), and
+    # how far (1: all the way)
+    forget: str = "none"
+    forget_strength: float = 1.0
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -174,6 +183,14 @@ def check_config(config: EditConfig) -> None:
         raise InputError("start 'inversion' starts every image from the input's own inversion, "
                          "so every seed gives the same picture: give one seed (start 'noise', "
                          "--start noise, samples one picture per seed)")
+    if config.interpolation not in INTERPOLATIONS:
+        raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                         f"{config.interpolation!r}")
+    if config.forget not in STRATEGIES:
+        raise InputError(f"forget must be one of {', '.join(STRATEGIES)}, got "
+                         f"{config.forget!r}")
+    if not 0 <= config.forget_strength <= 1:
+        raise InputError(f"forget_strength must lie in [0, 1], got {config.forget_strength:g}")
     if config.cuda_graphs not in (True, False, None):
         raise InputError(f"cuda_graphs must be True, False or None (auto), got "
                          f"{config.cuda_graphs!r}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..presets import CUDA_GRAPHS, MAX_VALUES, SAMPLERS, STARTS
+from ..forgetting import STRATEGIES
+from ..presets import CUDA_GRAPHS, INTERPOLATIONS, MAX_VALUES, SAMPLERS, STARTS
 
 # ------------------------------------------------------------------------ argument types
 
@@ -141,6 +142,18 @@ SAMPLING = (
                                "or inversion (the input's own noise, found by running DDIM "
                                "backwards: keeps its details; one image per η); default: the "
                                "preset's or the session's")),
+    ("--interpolation", "interpolation",
+     dict(choices=INTERPOLATIONS, help="how η mixes e_tgt and e_opt: linear (the paper's) or "
+                                       "vp (Forgedit's vector projection: e_opt + η × the part "
+                                       "of e_tgt orthogonal to it); default: the session's")),
+    ("--forget", "forget",
+     dict(choices=list(STRATEGIES), help="Forgedit's forgetting: sample with these groups of "
+                                         "the fine-tuned UNet back at the base weights "
+                                         "(encoder = down blocks, decoder = up blocks; kv and "
+                                         "attn keep those layers tuned); no retraining")),
+    ("--forget-strength", "forget_strength",
+     dict(type=float, help="how far the forgotten groups go back, 0 to 1 (default 1: all the "
+                           "way)")),
 )
 
 
