@@ -107,6 +107,42 @@ def finetune(
     )
 
 
+def forgedit_blocks(name: str) -> bool:
+    """The UNet weights Forgedit's joint stage trains: the down and up blocks but the first of
+    each (its code's selection)."""
+    return (name.startswith(("down_blocks.", "up_blocks."))
+            and not name.startswith(("down_blocks.0.", "up_blocks.0.")))
+
+
+def tune_jointly(
+    backend: Backend,
+    x0: torch.Tensor,
+    e_tgt: TextCond,
+    config: EditConfig,
+    quiet: bool = False,
+) -> tuple[TextCond, list[float]]:
+    """Stages 1 and 2 as one (Forgedit): e, starting from e_tgt, and θ's `forgedit_blocks`
+    minimize L(x0, e, θ) together, each at its own rate (embed_lr, finetune_lr), for
+    finetune_steps steps. Returns e_opt; the trained weights stay in the backend until
+    `Backend.take_delta`."""
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    e = e_tgt.map(lambda t: t.detach().float().clone().requires_grad_(True))
+    params = backend.trainable_parameters("full", only=forgedit_blocks)
+    if not params:
+        _discard_finetune(backend)
+        raise InputError(f"tuning 'forgedit' trains a UNet's down and up blocks; "
+                         f"{backend.family}'s denoiser has none")
+    groups = [{"params": list(e.tensors().values()), "lr": config.embed_lr},
+              {"params": params, "lr": config.finetune_lr}]
+    losses = train(
+        backend, config, groups, config.finetune_lr,
+        draw=lambda: backend.draw(x0, generator, batch=config.timesteps_per_step),  # (t, ε)
+        loss_at=lambda t, noise: backend.loss_at(x0, e, t, noise),  # L(x0, e, θ), both trained
+        steps=config.finetune_steps, label="stages 1-2/3 joint", quiet=quiet,
+    )
+    return e.map(lambda t: t.detach()), losses
+
+
 def interpolate(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
     """Stage 3, first half: ē = η·e_tgt + (1−η)·e_opt (paper eq. 3). η = 0 reconstructs the
     input, η = 1 follows the target text; η > 1 extrapolates."""
@@ -231,14 +267,23 @@ class Imagic:
         with measured(timings, "encode", backend.device):
             x0 = backend.encode_image(square)
             e_tgt = backend.encode_text([text])
-        # 3. Stage 1: optimize the text embedding (θ frozen)
+        # 3. Stage 1: optimize the text embedding (θ frozen); with Forgedit's tuning, the
+        #    embedding and the UNet's blocks together (stages 1 and 2 in one)
+        joint = config.tuning == "forgedit"
         with measured(timings, "stage1", backend.device):
-            e_opt, losses1 = optimize_embedding(backend, x0, e_tgt, config, self.quiet)
-        # 4. Stage 2: fine-tune the model on e_opt; cascades also fine-tune their
-        #    super-resolution stages on e_tgt. take_delta() restores the base model.
+            try:
+                e_opt, losses1 = (tune_jointly if joint else optimize_embedding)(
+                    backend, x0, e_tgt, config, self.quiet)
+            except BaseException:  # the joint stage trains θ: give the base model back first
+                if joint:
+                    _discard_finetune(backend)
+                raise
+        # 4. Stage 2: fine-tune the model on e_opt (done, with joint tuning); cascades also
+        #    fine-tune their super-resolution stages on e_tgt. take_delta() restores θ.
         with measured(timings, "stage2", backend.device):
             try:
-                losses = {"stage2": finetune(backend, x0, e_opt, config, quiet=self.quiet)}
+                losses = {} if joint else {
+                    "stage2": finetune(backend, x0, e_opt, config, quiet=self.quiet)}
                 for stage in backend.auxiliary_stages:  # the input at the stage's resolution
                     x0_stage = backend.encode_image(square, stage)
                     losses[f"stage2_{stage}"] = finetune(backend, x0_stage, e_tgt, config,

@@ -30,12 +30,15 @@ _recording_failed = False
 
 
 def adam(params, lr: float, graphed: bool = False) -> torch.optim.Adam:
-    """Adam; its fused CUDA kernel when every parameter is on a GPU (one launch per step instead
-    of several per tensor: for a full UNet fine-tune, a few ms a step), which a CUDA graph can
-    record when `graphed` (capturable: its step count lives on the GPU), unless a recording
-    already failed in this process."""
+    """Adam over tensors, or over parameter groups (dicts with their own "lr"); its fused CUDA
+    kernel when every parameter is on a GPU (one launch per step instead of several per tensor:
+    for a full UNet fine-tune, a few ms a step), which a CUDA graph can record when `graphed`
+    (capturable: its step count lives on the GPU), unless a recording already failed in this
+    process."""
     params = list(params)
-    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(
+        params[0], dict) else params
+    fused = bool(tensors) and all(p.is_cuda and p.is_floating_point() for p in tensors)
     capturable = fused and graphed and not _recording_failed
     return torch.optim.Adam(params, lr=lr, fused=fused or None, capturable=capturable)
 

@@ -7,7 +7,7 @@ file in this folder and nothing else changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -148,10 +148,12 @@ class Backend(Protocol):
         new draws copied into its inputs."""
 
     def trainable_parameters(
-        self, mode: str, lora_rank: int = 4, stage: str = "base"
+        self, mode: str, lora_rank: int = 4, stage: str = "base",
+        only: Callable[[str], bool] | None = None,
     ) -> list[torch.nn.Parameter]:
-        """Make θ of `stage` trainable (mode "full": all its weights; "lora": a new adapter) and
-        return those parameters. The base weights are kept so `take_delta` can restore them."""
+        """Make θ of `stage` trainable (mode "full": all its weights, or those whose names
+        `only` accepts; "lora": a new adapter) and return those parameters. The base weights
+        are kept so `take_delta` can restore them."""
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the model's activations in the backward pass (less memory, more compute)."""

@@ -176,7 +176,7 @@ class UNetBackend:
 
     # -- stage 2: which weights train, and getting them back out -------------------------------
 
-    def trainable_parameters(self, mode, lora_rank=4, stage="base"):
+    def trainable_parameters(self, mode, lora_rank=4, stage="base", only=None):
         unet = self._stage_unet(stage)
         self._settle()
         if mode == "lora":
@@ -184,8 +184,9 @@ class UNetBackend:
             self._trained[stage] = ("lora", lora_rank)
             return [p for p in unet.parameters() if p.requires_grad]
         self._trained[stage] = ("full", _host_copies(dict(unet.named_parameters())))
-        unet.requires_grad_(True)
-        return list(unet.parameters())
+        for name, p in unet.named_parameters():
+            p.requires_grad_(only is None or only(name))
+        return [p for p in unet.parameters() if p.requires_grad]
 
     def take_delta(self) -> Delta:
         """Every trained stage's weights in one Delta (a super-resolution stage's tensor names

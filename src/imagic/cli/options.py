@@ -8,7 +8,7 @@ import argparse
 import math
 
 from ..forgetting import STRATEGIES
-from ..presets import CUDA_GRAPHS, INTERPOLATIONS, MAX_VALUES, SAMPLERS, STARTS
+from ..presets import CUDA_GRAPHS, INTERPOLATIONS, MAX_VALUES, SAMPLERS, STARTS, TUNINGS
 
 # ------------------------------------------------------------------------ argument types
 
@@ -105,6 +105,10 @@ def load_model(args, model, config=None, revision=None):
 
 # (flag, EditConfig field, argparse keywords): stages 1-2, for edit and the benchmarks
 RECIPE = (
+    ("--tuning", "tuning",
+     dict(choices=TUNINGS, help="stages 1-2: imagic (the paper: the embedding, then the "
+                                "model) or forgedit (both at once, the UNet's inner blocks "
+                                "only; the quick preset's)")),
     ("--finetune", "finetune", dict(choices=["full", "lora"],
                                     help="stage 2: all UNet weights or a LoRA adapter")),
     ("--lora-rank", "lora_rank", dict(type=int, help="LoRA rank (with --finetune lora)")),
