@@ -279,3 +279,19 @@ def test_the_loss_is_its_draws_then_the_loss_at_them(tiny_model_dir):
     assert int(t.min()) >= 0 and int(t.max()) < backend.train_timesteps
     whole = backend.loss(x0, cond, torch.Generator().manual_seed(3), batch=4)
     assert torch.equal(whole, backend.loss_at(x0, cond, t, noise))
+
+
+def test_gpu_benchmark_times_the_quick_preset_as_one_joint_stage(tmp_path):
+    """`--fast-preset quick` (Forgedit's joint tuning) runs on the CPU's tiny model: its one
+    stage is timed as stage 1, and neither the low-memory run nor the LoRA variant, which it
+    has no form of, is asked for."""
+    spec = importlib.util.spec_from_file_location("gpu_edit", ROOT / "benchmarks" / "gpu_edit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--reference-steps", "8", "--fast-preset",
+                       "quick", "--fast-scale", "0.1", "--variants", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    steady = r["fast"]["steady"]
+    assert (steady["tuning"], steady["stage1_steps"], steady["stage2_steps"]) == ("forgedit", 4, 0)
+    assert "low_memory" not in r["fast"] and set(r["variants"]) == {"fast-eager", "fast+graphs"}
