@@ -38,6 +38,7 @@ from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic, check_sample_steps
 from ..errors import InputError
+from ..forgetting import STRATEGIES
 from ..images import write_text_atomic
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
@@ -63,8 +64,11 @@ METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "te
 # The protocol's guidance, for every method: the model's training default (the `shapes` preset
 # edits at its own, lower, guidance from the inversion; `--guidance` changes it).
 GUIDANCE = 4.0
-# on request (--methods), so the runs made before it resume without re-fitting every case
-OPTIONAL_METHODS = ("imagic-inversion", "no-sr-finetune")
+# on request (--methods), so the runs made before it resume without re-fitting every case;
+# imagic-vp and forget-STRATEGY re-render Imagic's session with Forgedit's vector projection or
+# forgetting (the η sweep of `imagic`)
+OPTIONAL_METHODS = ("imagic-inversion", "no-sr-finetune", "imagic-vp",
+                    *(f"forget-{name}" for name in STRATEGIES if name != "none"))
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
           "psnr", "ssim", "status", "text", "margin", "distance")
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
@@ -180,8 +184,8 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
     rows = []
     # Imagic, auto-η, the inversion start and the ablations without (some) fine-tuning share
     # stages 1–2
-    if {"imagic", "imagic-auto", "imagic-inversion", "no-finetune",
-            "no-sr-finetune"} & set(methods):
+    if any(m in ("imagic", "imagic-auto", "imagic-inversion", "no-finetune", "no-sr-finetune",
+                 "imagic-vp") or m.startswith("forget-") for m in methods):
         editor = Imagic(backend, config, quiet=True)
         session = editor.fit(image, text)
     # The ablation without embedding optimization: e_opt = e_tgt, so every η is the same image
@@ -213,6 +217,12 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
         if "imagic-inversion" in methods:
             rows += [score(case, name("imagic-inversion"), r.eta, seed, r.image)
                      for r in editor.generate(session, guidance=guidance, start="inversion")]
+        if "imagic-vp" in methods:
+            rows += [score(case, name("imagic-vp"), r.eta, seed, r.image)
+                     for r in editor.generate(session, guidance=guidance, interpolation="vp")]
+        for method in (m for m in methods if m.startswith("forget-")):
+            rows += [score(case, name(method), r.eta, seed, r.image) for r in editor.generate(
+                session, guidance=guidance, forget=method.removeprefix("forget-"))]
         if "no-finetune" in methods:
             untuned = replace(session,
                               delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
@@ -352,15 +362,16 @@ def summary(rows) -> str:
     cases = len({r["case"] for r in rows})
     seeds = len({r["seed"] for r in rows})
     lines = [f"# ShapesBench: {cases} cases × {seeds} seeds", "",
-             "Best parameter per method (η for imagic, imagic-inversion and no-finetune, "
+             "Best parameter per method (η for imagic, its variants and no-finetune, "
              "strength for sdedit).", "",
              "| kind | method | best param | success | background PSNR (dB) | SSIM | pebbles kept "
              "| outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     present = dict.fromkeys(r["method"] for r in rows)
-    methods = [m for base in ("imagic", "imagic-inversion", "no-finetune", "no-sr-finetune",
-                              "no-embedding", "sdedit", "text-only")
-               for m in present if m == base or m.startswith(f"{base}-g")]
+    bases = ("imagic", "imagic-inversion", "imagic-vp",
+             *(m for m in OPTIONAL_METHODS if m.startswith("forget-")), "no-finetune",
+             "no-sr-finetune", "no-embedding", "sdedit", "text-only")
+    methods = [m for base in bases for m in present if m == base or m.startswith(f"{base}-g")]
     for kind in kinds_of(rows):
         for method in methods:
             curve = curves.get((kind, method))
