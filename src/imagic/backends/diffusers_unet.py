@@ -37,6 +37,7 @@ class UNetBackend:
     family = "unet"
     default_preset = "paper"  # presets.py
     auxiliary_stages: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the Linear layers a LoRA stage 2 adapts
     # whether x0 lies in [-1, 1] (pixels), so DDIM may clip its prediction there as the config
     # says; a latent model's does not, and DDIM never clips it (as diffusers' SD pipeline does)
     bounded_samples = True
@@ -126,12 +127,11 @@ class UNetBackend:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled,
                               cache_enabled=cache_enabled)
 
-    @staticmethod
-    def _lora_config(rank: int):
+    def _lora_config(self, rank: int):
         from peft import LoraConfig
 
         return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                          target_modules=list(LORA_TARGETS))
+                          target_modules=list(self.lora_targets))
 
     # -- text -------------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class UNetBackend:
             # What peft's add_adapter makes for `_lora_config` (A: rank×in, B: out×rank on every
             # targeted Linear), named as get_peft_model_state_dict names it, without adding one
             for name, module in unet.named_modules():
-                targeted = any(name == t or name.endswith(f".{t}") for t in LORA_TARGETS)
+                targeted = any(name == t or name.endswith(f".{t}") for t in self.lora_targets)
                 if targeted and isinstance(module, torch.nn.Linear):
                     shapes[f"{prefix}{name}.lora_A.weight"] = (lora_rank, module.in_features)
                     shapes[f"{prefix}{name}.lora_B.weight"] = (module.out_features, lora_rank)

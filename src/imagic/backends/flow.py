@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import ModelError
 from ..images import to_pil, to_tensor
 from .base import TextCond
-from .diffusers_unet import LORA_TARGETS, UNetBackend
+from .diffusers_unet import UNetBackend
 
 TEXT_CACHE_SIZE = 8  # encodings kept per backend: "" and the texts of the current edit
 
@@ -46,7 +46,6 @@ class FlowBackend(UNetBackend):
     # diffusers' training scripts: --weighting_scheme and its parameters (families override)
     weighting_scheme = "none"
     logit_mean, logit_std, mode_scale = 0.0, 1.0, 1.29
-    lora_targets: tuple[str, ...] = LORA_TARGETS
     classifier_free_guidance = True  # FLUX: a guidance embedding instead
 
     def __init__(self, pipe, identity: dict, device: torch.device, dtype: torch.dtype,
@@ -187,25 +186,6 @@ class FlowBackend(UNetBackend):
             prediction = self.predict(stage, x_t, self._train_timesteps[t], cond, extra)
         weight = compute_loss_weighting_for_sd3(self.weighting_scheme, sigma)  # 1 but sigma_sqrt
         return torch.mean(weight * (prediction.float() - target) ** 2)
-
-    # -- stage 2: LoRA on the family's targets --------------------------------------------------
-
-    def _lora_config(self, rank: int):
-        from peft import LoraConfig
-
-        return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                          target_modules=list(self.lora_targets))
-
-    def delta_shapes(self, kind: str, lora_rank: int = 0) -> dict[str, tuple[int, ...]]:
-        if kind != "lora":
-            return super().delta_shapes(kind, lora_rank)
-        shapes = {}
-        for name, module in self.unet.named_modules():  # as peft's add_adapter names them
-            targeted = any(name == t or name.endswith(f".{t}") for t in self.lora_targets)
-            if targeted and isinstance(module, torch.nn.Linear):
-                shapes[f"{name}.lora_A.weight"] = (lora_rank, module.in_features)
-                shapes[f"{name}.lora_B.weight"] = (module.out_features, lora_rank)
-        return shapes
 
     # -- stage 3: sampling the flow ODE -------------------------------------------------------
 
