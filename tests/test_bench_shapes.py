@@ -250,3 +250,24 @@ def test_tables_print_the_results_tables_and_refuse_rows_given_twice(capsys):
         assert title in printed, title
     assert main(["bench", "tables", rows, rows]) == 2
     assert "more than one row" in capsys.readouterr().err
+
+
+def test_forgedit_methods_re_render_imagics_one_fit(tmp_path, monkeypatch):
+    """imagic-vp and forget-STRATEGY re-render Imagic's session (one fit per case): at η = 0
+    vector projection is e_opt, so its output is Imagic's; forgetting the encoder is not."""
+    from imagic.editor import Imagic
+
+    fits = []
+    fit = Imagic.fit
+    monkeypatch.setattr(Imagic, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
+                 "--embed-steps", "2", "--finetune-steps", "4", "--finetune-lr", "1e-3",
+                 "--sample-steps", "2", "--eta", "0,1",
+                 "--methods", "imagic,imagic-vp,forget-noencoder", "--quiet"]) == 0
+    with (out / "rows.csv").open() as f:
+        rows = {(r["method"], float(r["param"])): r for r in csv.DictReader(f)}
+    assert len(fits) == 1 and len(rows) == 6
+    assert rows["imagic-vp", 0.0]["psnr"] == rows["imagic", 0.0]["psnr"]
+    assert rows["forget-noencoder", 0.0]["psnr"] != rows["imagic", 0.0]["psnr"]
+    assert "| forget-noencoder |" in (out / "summary.md").read_text()
