@@ -1,8 +1,8 @@
 """The `imagic` command: parse, call the public API, print. No algorithm and no check lives here.
 
-One file per command group: edit.py (edit, generate, info), bench.py (the benchmarks),
-shapes.py (the embedded model's training and evaluation), ui.py (the web page); options.py
-declares the options they share.
+One file per command group: edit.py (edit, generate, info), batch.py (many edits), bench.py
+(the benchmarks), shapes.py (the embedded model's training and evaluation), ui.py (the web
+page); options.py declares the options they share.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from ..errors import ImagicError
-from . import bench, edit, shapes, ui
+from . import batch, bench, edit, shapes, ui
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imagic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for group in (edit, bench, shapes, ui):
+    for group in (edit, batch, bench, shapes, ui):
         group.register(sub)
     return parser
 
