@@ -41,10 +41,16 @@ def images(folder: Path) -> dict[str, np.ndarray]:
             for p in sorted(folder.glob("job*/eta*.png"))}
 
 
-def batch_process(jobs: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "imagic", "batch", str(jobs), "--out",
-                             str(out), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def batch_process(jobs: Path, out: Path, processes: int = 0) -> subprocess.Popen:
+    """`imagic batch` in a process of its own, or under `accelerate launch` with `processes`
+    processes (on CPUs, accelerate starts them through torchrun)."""
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend",
+              "no", "--num_machines", "1", "--main_process_port", "29517"] if processes else [
+              sys.executable]
+    return subprocess.Popen([*launch, "-m", "imagic", "batch", str(jobs), "--out", str(out),
+                             *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_every_job_runs_once_and_a_rerun_redoes_none(tmp_path, monkeypatch, capsys):
@@ -105,16 +111,17 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path, monkeypatch
     assert (out / "job1" / "manifest.json").is_file()
 
 
-def test_two_processes_share_the_jobs_and_make_the_single_process_images(tmp_path):
+def test_two_processes_under_accelerate_share_the_jobs_and_make_the_same_images(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     write_jobs(jobs)
     alone = batch_process(jobs, tmp_path / "one")  # the same settings as the pair (threads)
     assert alone.wait(timeout=600) == 0, alone.communicate()
-    pair = [batch_process(jobs, tmp_path / "two") for _ in range(2)]
-    outputs = [p.communicate(timeout=600) for p in pair]
-    assert [p.returncode for p in pair] == [0, 0], outputs
-    done = [int(out.split(" done,")[0].rsplit(" ", 1)[-1]) for out, _ in outputs]
-    assert sum(done) == 6  # each job once, whichever process took it
+    pair = batch_process(jobs, tmp_path / "two", processes=2)
+    out, err = pair.communicate(timeout=600)
+    assert pair.returncode == 0, err[-2000:]
+    done = {line.split(":")[0]: int(line.split(": ")[1].split(" done")[0])
+            for line in out.splitlines() if line.startswith("process ")}
+    assert set(done) == {"process 0", "process 1"} and sum(done.values()) == 6  # each once
     single, shared = images(tmp_path / "one"), images(tmp_path / "two")
     assert single.keys() == shared.keys() and len(single) == 12
     assert all(np.array_equal(single[k], shared[k]) for k in single)

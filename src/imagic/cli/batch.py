@@ -67,13 +67,17 @@ def cmd_batch(args) -> int:
     out = check_out_dir(args.out)
     options = {**options_given(args, RECIPE, SAMPLING), "low_memory": args.low_memory}
     get_preset(args.preset or DEFAULT_PRESET).with_options(**options)
-    # 2. One model per process, on the process's device when accelerate launched several
+    # 2. One model per process, on the process's own GPU when accelerate launched several
+    #    (on CPUs accelerate starts the processes, torchrun's RANK numbers them, and nothing
+    #    is exchanged between them: the jobs are claimed through OUT)
+    import os
+
     from accelerate import PartialState
 
     state = PartialState(cpu=args.device == "cpu")
-    device = str(state.device) if state.num_processes > 1 and args.device == "auto" \
-        else args.device
-    args.device = device
+    rank = state.process_index if state.num_processes > 1 else int(os.environ.get("RANK", 0))
+    if state.num_processes > 1 and args.device == "auto":
+        args.device = str(state.device)
     backend = load_model(args, args.model)
 
     def config_for(job):
@@ -82,11 +86,11 @@ def cmd_batch(args) -> int:
 
     # 3. Claim and run
     tally = run_jobs(backend, jobs, Path(out), config_for, session=not args.no_session,
-                     verbose=args.verbose, rank=state.process_index)
+                     verbose=args.verbose, rank=rank)
     per_job = sum(tally.seconds) / len(tally.seconds) if tally.seconds else 0.0
-    print(f"process {state.process_index}: {tally.done} done, {tally.skipped} skipped, "
+    print(f"process {rank}: {tally.done} done, {tally.skipped} skipped, "
           f"{tally.failed} failed" + (f", {per_job:.1f} s per job" if tally.seconds else ""))
-    if state.process_index == 0:
+    if rank == 0:
         done = sum((Path(out) / job.id / "manifest.json").is_file() for job in jobs)
         print(f"{done} of {len(jobs)} jobs done in {out}"
               + (f"; failures: {Path(out) / 'failures.jsonl'}" if done < len(jobs) else ""))
