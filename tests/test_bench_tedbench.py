@@ -235,3 +235,36 @@ def test_tedbench_takes_every_photo_family_and_refuses_the_shapes_models():
     with pytest.raises(InputError, match="needs a stable-diffusion, sdxl, sd3, flux or "
                                          "deepfloyd-if model; imagic:shapes-32 is pixel-cascade"):
         require_family(shapes, PHOTO_FAMILIES, "TEdBench")
+
+
+def test_a_pair_that_fails_is_recorded_and_the_run_goes_on(tmp_path, mini_tedbench,
+                                                           tiny_model_dir, tiny_clip_dir,
+                                                           monkeypatch):
+    """TEdBench runs through the batch runner: a (pair, seed) that fails goes to
+    failures.jsonl with a warning, the others are scored, and a re-run does only that one."""
+    from dataclasses import replace
+
+    from imagic.backends import load_backend
+    from imagic.presets import get_preset
+
+    backend = load_backend(str(tiny_model_dir), device="cpu")
+    config = replace(get_preset("paper"), embed_steps=2, finetune_steps=2, sample_steps=2)
+    metrics = Metrics(clip_scorer(str(tiny_clip_dir)), fidelity_scorer())
+    out = tmp_path / "out"
+    real = tedbench.run_pair
+
+    def fails_on_pair_0(backend, pair, *args, **kwargs):
+        if pair.index == 0:
+            raise RuntimeError("out of luck")
+        return real(backend, pair, *args, **kwargs)
+
+    monkeypatch.setattr(tedbench, "run_pair", fails_on_pair_0)
+    with pytest.warns(UserWarning, match="1 \\(pair, seed\\) failed"):
+        path = run(backend, mini_tedbench, out, config, metrics, etas=[1.0], limit=2,
+                   quiet=True)
+    assert {int(r["pair"]) for r in csv.DictReader(path.open())} == {1}
+    failure = json.loads((out / "failures.jsonl").read_text())
+    assert failure["id"] == "000-dog-seed0" and "out of luck" in failure["error"]
+    monkeypatch.setattr(tedbench, "run_pair", real)
+    run(backend, mini_tedbench, out, config, metrics, etas=[1.0], limit=2, quiet=True)
+    assert [int(r["pair"]) for r in csv.DictReader(path.open())] == [1, 0]

@@ -158,12 +158,24 @@ class Tally:
     seconds: list[float] = field(default_factory=list)
 
 
-def run_jobs(backend, jobs: list[Job], out: Path, config_for: Callable[[Job], object],
-             session: bool = True, verbose: bool = False, rank: int = 0,
-             wait: float = 1.0) -> Tally:
-    """Claim and run every job not done yet, until each is done or has failed in this run:
-    a job another process holds is passed over, and taken up again if that process dies
-    without finishing it. Returns what this process did."""
+def process_slot(device: str) -> tuple[int, str]:
+    """(this process's number, the device it uses): under `accelerate launch` on GPUs each
+    process takes its own card; on CPUs accelerate starts the processes through torchrun,
+    whose RANK numbers them, and nothing is exchanged between them (jobs are claimed through
+    the output folder)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    if state.num_processes > 1:
+        return state.process_index, str(state.device) if device == "auto" else device
+    return int(os.environ.get("RANK", 0)), device
+
+
+def run_jobs(jobs, out: Path, work: Callable[[object], None], done: Callable[[object], bool],
+             rank: int = 0, progress: bool = True, wait: float = 1.0) -> Tally:
+    """Claim and run (`work`) every job (anything with an `id`) not `done` yet, until each is
+    done or has failed in this run: a job another process holds is passed over, and taken up
+    again if that process dies without finishing it. Returns what this process did."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -171,7 +183,7 @@ def run_jobs(backend, jobs: list[Job], out: Path, config_for: Callable[[Job], ob
     (out / CLAIMS).mkdir(exist_ok=True)
     tally = Tally()
     bar = tqdm(total=len(jobs), desc=f"jobs (process {rank})", unit="job", position=rank,
-               disable=not verbose and rank > 0)
+               disable=not progress)
     pending = list(jobs)
     while pending:
         held = []
@@ -180,13 +192,12 @@ def run_jobs(backend, jobs: list[Job], out: Path, config_for: Callable[[Job], ob
                 if not mine:  # another process runs it now
                     held.append(job)
                     continue
-                if (out / job.id / "manifest.json").is_file() or _failed_since(out, job,
-                                                                              started):
+                if done(job) or _failed_since(out, job, started):
                     tally.skipped += 1
                 else:
                     begin = time.perf_counter()
                     try:
-                        _run(backend, job, out / job.id, config_for(job), session, verbose)
+                        work(job)
                     except (ImagicError, OSError, RuntimeError, ValueError) as err:
                         tally.failed += 1
                         _record_failure(out, job, err, rank)
@@ -216,7 +227,9 @@ def _claim(out: Path, job_id: str) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def _run(backend, job: Job, folder: Path, config, session: bool, verbose: bool) -> None:
+def run_edit(backend, job: Job, folder: Path, config, session: bool, verbose: bool) -> None:
+    """One job as `imagic edit --out FOLDER` runs it; done once FOLDER/manifest.json is in
+    place (`write_outputs` writes it last)."""
     from .auto_eta import choose_etas
     from .editor import Imagic
     from .outputs import write_outputs
@@ -234,18 +247,19 @@ def _run(backend, job: Job, folder: Path, config, session: bool, verbose: bool) 
                    "session": str(folder / "session") if session else None}, choices)
 
 
-def _record_failure(out: Path, job: Job, err: BaseException, rank: int) -> None:
+def _record_failure(out: Path, job, err: BaseException, rank: int) -> None:
     """A line in FAILURES, and a marker that keeps the other processes of this run from trying
     the job again (the next run does)."""
     line = " ".join(str(err).split()) or type(err).__name__
-    record = {"id": job.id, "line": job.line, "error": f"{type(err).__name__}: {line}",
+    record = {"id": job.id, "line": getattr(job, "line", None),
+              "error": f"{type(err).__name__}: {line}",
               "process": rank, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(out / FAILURES, "a", encoding="utf-8") as f:  # one write per record
         f.write(json.dumps(record) + "\n")
     (out / CLAIMS / f"{job.id}.failed").write_text(record["error"] + "\n")
 
 
-def _failed_since(out: Path, job: Job, started: float) -> bool:
+def _failed_since(out: Path, job, started: float) -> bool:
     """Whether another process has failed on the job since this one started (this run); a
     failure of an earlier run is tried again."""
     marker = out / CLAIMS / f"{job.id}.failed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,10 +33,18 @@ def check_same_run(out: Path, settings: dict, backend) -> None:
 
 
 @contextmanager
-def append_rows(path: Path, fields: tuple[str, ...]) -> Iterator[Callable[[list[dict]], None]]:
+def append_rows(path: Path, fields: tuple[str, ...],
+                exclusive: bool = False) -> Iterator[Callable[[list[dict]], None]]:
     """Open a benchmark's rows.csv for appending (header written when new, refused when the file
     has other columns); yields `commit(rows)`, which writes one finished unit of rows and syncs
-    it to disk, so a stopped run resumes from whole units."""
+    it to disk, so a stopped run resumes from whole units. `exclusive`: hold a lock on the file
+    meanwhile, for processes that append to one file."""
+    if exclusive:
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            with append_rows(path, fields) as commit:
+                yield commit
+        return
     new_file = not path.exists()
     if not new_file:
         with path.open(newline="") as f:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import InputError, ModelError
 from ..images import file_sha256, load_image, save_atomic, write_text_atomic
@@ -194,16 +194,31 @@ def check_settings(model: str | None, limit: int | None) -> None:
         raise InputError(f"--limit must be at least 1, got {limit}")
 
 
+@dataclass
+class Unit:
+    """One (pair, seed): the batch runner's job, claimed by one process at a time."""
+
+    pair: Pair
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.pair.slug}-seed{self.seed}"
+
+
 def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0,),
         etas: Sequence[float] | str = "auto", keep_sessions: bool = False,
-        limit: int | None = None, quiet: bool = False) -> Path:
-    """Every (pair, seed) not yet in OUT/rows.csv; then summary.md and curve.png (also of a run
-    stopped part way).
+        limit: int | None = None, quiet: bool = False, rank: int = 0) -> Path:
+    """Every (pair, seed) not yet in OUT/rows.csv, through the batch runner (`imagic.batch`):
+    processes started by `accelerate launch` claim them one at a time, each appending its rows
+    whole; a (pair, seed) that fails goes to OUT/failures.jsonl and the run goes on. Then
+    summary.md and curve.png (also of a run stopped part way), by process 0.
 
     `etas` is a list of η, or "auto": sweep `auto_eta.AUTO_ETAS` and mark the η the rule picks
     per seed (column `auto`). Returns the CSV's path.
     """
     from ..auto_eta import AUTO_ETAS
+    from ..batch import FAILURES, run_jobs
 
     every = read_pairs(data)
     pairs = every[:limit]
@@ -217,16 +232,24 @@ def run(backend, data: str | Path, out: Path, config, metrics: Metrics, seeds=(0
     check_same_run(out, {"etas": list(sweep), "auto": auto, "config": config.to_dict(),
                          "data": data_id}, backend)
     path = out / "rows.csv"
-    done = {(r["pair"], r["seed"]) for r in read_rows(path)}
-    jobs = [(p, s) for p in pairs for s in dict.fromkeys(seeds) if (p.index, s) not in done]
+    units = [Unit(p, s) for p in pairs for s in dict.fromkeys(seeds)]
+
+    def done(unit: Unit) -> bool:
+        return (unit.pair.index, unit.seed) in {(r["pair"], r["seed"]) for r in read_rows(path)}
+
+    def work(unit: Unit) -> None:  # all of a (pair, seed) at once: it is done or not started
+        rows = run_pair(backend, unit.pair, unit.seed, config, sweep, auto, metrics, out,
+                        keep_sessions)
+        with append_rows(path, FIELDS, exclusive=True) as commit:
+            commit(rows)
+
     try:
-        with append_rows(path, FIELDS) as commit:
-            for pair, seed in tqdm(jobs, desc="TEdBench", unit="pair", disable=quiet):
-                # all of a (pair, seed) at once: it is done or not started
-                commit(run_pair(backend, pair, seed, config, sweep, auto, metrics, out,
-                                keep_sessions))
+        tally = run_jobs(units, out, work, done, rank=rank, progress=not quiet)
+        if tally.failed:
+            warnings.warn(f"{tally.failed} (pair, seed) failed: their errors are in "
+                          f"{out / FAILURES}; a re-run tries them again", stacklevel=2)
     finally:  # stopped or not (Ctrl-C), summarise the rows that are there
-        if rows := read_rows(path):
+        if rank == 0 and (rows := read_rows(path)):
             write_text_atomic(summary(rows), out / "summary.md")
             plot(rows, out / "curve.png")
     return path

@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 
 def cmd_batch(args) -> int:
-    from ..batch import read_jobs, run_jobs
+    from ..batch import process_slot, read_jobs, run_edit, run_jobs
     from ..errors import InputError
     from ..outputs import check_out_dir
     from ..presets import DEFAULT_PRESET, get_preset
@@ -68,16 +68,7 @@ def cmd_batch(args) -> int:
     options = {**options_given(args, RECIPE, SAMPLING), "low_memory": args.low_memory}
     get_preset(args.preset or DEFAULT_PRESET).with_options(**options)
     # 2. One model per process, on the process's own GPU when accelerate launched several
-    #    (on CPUs accelerate starts the processes, torchrun's RANK numbers them, and nothing
-    #    is exchanged between them: the jobs are claimed through OUT)
-    import os
-
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    rank = state.process_index if state.num_processes > 1 else int(os.environ.get("RANK", 0))
-    if state.num_processes > 1 and args.device == "auto":
-        args.device = str(state.device)
+    rank, args.device = process_slot(args.device)
     backend = load_model(args, args.model)
 
     def config_for(job):
@@ -85,8 +76,12 @@ def cmd_batch(args) -> int:
         return preset.with_options(**{**options, **job.options})
 
     # 3. Claim and run
-    tally = run_jobs(backend, jobs, Path(out), config_for, session=not args.no_session,
-                     verbose=args.verbose, rank=rank)
+    tally = run_jobs(
+        jobs, Path(out),
+        work=lambda job: run_edit(backend, job, Path(out) / job.id, config_for(job),
+                                  not args.no_session, args.verbose),
+        done=lambda job: (Path(out) / job.id / "manifest.json").is_file(),
+        rank=rank, progress=args.verbose or rank == 0)
     per_job = sum(tally.seconds) / len(tally.seconds) if tally.seconds else 0.0
     print(f"process {rank}: {tally.done} done, {tally.skipped} skipped, "
           f"{tally.failed} failed" + (f", {per_job:.1f} s per job" if tally.seconds else ""))

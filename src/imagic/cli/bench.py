@@ -197,6 +197,7 @@ def cmd_shapes(args) -> int:
 
 def cmd_tedbench(args) -> int:
     from ..backends import PHOTO_FAMILIES, require_family, resolve_device
+    from ..batch import process_slot
     from ..bench import require_plotting
     from ..bench.tedbench import DEFAULT_CLIP, check_settings, load_metrics, read_pairs, run
     from ..outputs import check_out_dir
@@ -208,13 +209,16 @@ def cmd_tedbench(args) -> int:
     _recipe(args, DEFAULT_PRESET)  # impossible numbers fail now
     require_plotting()
     out = check_out_dir(args.out)
+    # under `accelerate launch`, one model per process, on its own GPU (imagic.batch)
+    rank, args.device = process_slot(args.device)
     metrics = load_metrics(args.clip_model or DEFAULT_CLIP, resolve_device(args.device))
     backend = load_model(args, args.model)
     require_family(backend, PHOTO_FAMILIES, "TEdBench (photos)")
     config = _recipe(args, backend.default_preset)
     path = run(backend, args.data, out, config, metrics, seeds=args.seeds, etas=args.eta,
-               keep_sessions=args.keep_sessions, limit=args.limit, quiet=args.quiet)
-    if not args.quiet:
+               keep_sessions=args.keep_sessions, limit=args.limit, quiet=args.quiet,
+               rank=rank)
+    if not args.quiet and rank == 0:
         print((out / "summary.md").read_text())
         print(f"rows: {path}; plot: {out / 'curve.png'}; images: {out / 'images'}")
     return 0
