@@ -268,3 +268,13 @@ def test_a_pair_that_fails_is_recorded_and_the_run_goes_on(tmp_path, mini_tedben
     monkeypatch.setattr(tedbench, "run_pair", real)
     run(backend, mini_tedbench, out, config, metrics, etas=[1.0], limit=2, quiet=True)
     assert [int(r["pair"]) for r in csv.DictReader(path.open())] == [1, 0]
+
+
+def test_a_tedbench_folder_reads_as_batch_jobs_named_as_the_benchmark_names_its_pairs(
+        mini_tedbench):
+    from imagic.batch import read_jobs
+
+    jobs, problems = read_jobs(mini_tedbench)
+    pairs = read_pairs(mini_tedbench)
+    assert problems == []
+    assert [(j.id, j.image, j.text) for j in jobs] == [(p.slug, p.path, p.text) for p in pairs]

@@ -33,7 +33,7 @@ from .images import file_sha256, load_image
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a job id is a folder name
 CLAIMS = ".claims"
 FAILURES = "failures.jsonl"
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")  # TEdBench names leave them out
 
 
 @dataclass
@@ -97,12 +97,17 @@ def _tedbench_entries(folder: Path) -> Iterator[tuple[int, object, Path]]:
     for index, entry in enumerate(entries, 1):
         if isinstance(entry, dict) and isinstance(entry.get("img_name"), str):
             name = entry["img_name"]
-            found = next((folder / "originals" / (name + e) for e in ("", *EXTENSIONS)
-                          if (folder / "originals" / (name + e)).is_file()), None)
-            stem = Path(name).stem
-            entry = {"id": f"{index:03d}-{stem}", "text": entry.get("target_text"),
+            found = find_original(folder, name)
+            # the id is `imagic bench tedbench`'s name for the pair (its index from 0)
+            entry = {"id": f"{index - 1:03d}-{Path(name).stem}", "text": entry.get("target_text"),
                      "image": str(found or folder / "originals" / name)}
         yield index, entry, folder
+
+
+def find_original(folder: Path, name: str) -> Path | None:
+    """A TEdBench folder's image `name` under originals/, as named or with an extension."""
+    candidates = [folder / "originals" / (name + e) for e in ("", *EXTENSIONS)]
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def _job(line: int, entry: object, base: Path) -> Job:

@@ -205,13 +205,7 @@ class EditSession:
     def read_manifest(path: str | os.PathLike) -> dict:
         """A session folder's manifest, read and checked as `load` checks it, without loading
         its tensors (to list sessions cheaply). A problem is one SessionError naming the file."""
-        folder = Path(path)
-        if not os.path.lexists(folder / "manifest.json"):
-            raise SessionError(f"{folder} is not an imagic session (no manifest.json)")
-        manifest_file = folder / "manifest.json"
-        manifest = _read_manifest(_regular_file(folder, "manifest.json"), manifest_file)
-        _check_manifest(manifest, manifest_file)
-        return manifest
+        return _manifest_and_config(Path(path))[0]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditSession:
@@ -221,8 +215,7 @@ class EditSession:
         `check_model` checks the rest against the loaded model. A problem is one SessionError
         naming the file."""
         folder = Path(path)
-        manifest = cls.read_manifest(folder)
-        config = _check_manifest(manifest, folder / "manifest.json")
+        manifest, config = _manifest_and_config(folder)
         files = {name: _regular_file(folder, name) for name in FILES[1:]}
         e_tgt, e_opt = _read_embeddings(files["embeddings.safetensors"],
                                         folder / "embeddings.safetensors")
@@ -324,6 +317,15 @@ def _read_manifest(target: Path, shown: Path) -> dict:
         raise SessionError(f"{shown.parent} was saved by a newer imagic (format {version}); "
                            "upgrade imagic")
     return manifest
+
+
+def _manifest_and_config(folder: Path) -> tuple[dict, EditConfig]:
+    """A session folder's manifest, read and checked, and the config it records."""
+    if not os.path.lexists(folder / "manifest.json"):
+        raise SessionError(f"{folder} is not an imagic session (no manifest.json)")
+    manifest_file = folder / "manifest.json"
+    manifest = _read_manifest(_regular_file(folder, "manifest.json"), manifest_file)
+    return manifest, _check_manifest(manifest, manifest_file)
 
 
 def _check_manifest(manifest: dict, shown: Path) -> EditConfig:

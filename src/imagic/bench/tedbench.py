@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..batch import find_original
 from ..errors import InputError, ModelError
 from ..images import file_sha256, load_image, save_atomic, write_text_atomic
 from . import append_rows, check_same_run, read_rows_csv, save_figure
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 FIELDS = ("pair", "img_name", "text", "seed", "eta", "auto", "clip_score", "lpips_similarity",
           "file")
 
@@ -67,9 +67,7 @@ def read_pairs(data: str | Path) -> list[Pair]:
             raise InputError(f"{listing} entry {index} needs a string img_name and a non-empty "
                              f"target_text, got {entry!r}")
         name = entry["img_name"]
-        candidates = [data / "originals" / name] + [data / "originals" / (name + e)
-                                                     for e in EXTENSIONS]
-        path = next((p for p in candidates if p.is_file()), None)
+        path = find_original(data, name)
         if path is None:
             raise InputError(f"{listing} entry {index}: no image {name!r} under "
                              f"{data / 'originals'}")

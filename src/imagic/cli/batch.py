@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .options import (
     RECIPE,
@@ -75,18 +74,20 @@ def cmd_batch(args) -> int:
         preset = get_preset(job.preset or args.preset or backend.default_preset)
         return preset.with_options(**{**options, **job.options})
 
+    def done(job) -> bool:  # its manifest is written last
+        return (out / job.id / "manifest.json").is_file()
+
     # 3. Claim and run
     tally = run_jobs(
-        jobs, Path(out),
-        work=lambda job: run_edit(backend, job, Path(out) / job.id, config_for(job),
+        jobs, out,
+        work=lambda job: run_edit(backend, job, out / job.id, config_for(job),
                                   not args.no_session, args.verbose),
-        done=lambda job: (Path(out) / job.id / "manifest.json").is_file(),
-        rank=rank, progress=args.verbose or rank == 0)
+        done=done, rank=rank, progress=args.verbose or rank == 0)
     per_job = sum(tally.seconds) / len(tally.seconds) if tally.seconds else 0.0
     print(f"process {rank}: {tally.done} done, {tally.skipped} skipped, "
           f"{tally.failed} failed" + (f", {per_job:.1f} s per job" if tally.seconds else ""))
     if rank == 0:
-        done = sum((Path(out) / job.id / "manifest.json").is_file() for job in jobs)
-        print(f"{done} of {len(jobs)} jobs done in {out}"
-              + (f"; failures: {Path(out) / 'failures.jsonl'}" if done < len(jobs) else ""))
+        finished = sum(map(done, jobs))
+        print(f"{finished} of {len(jobs)} jobs done in {out}"
+              + (f"; failures: {out / 'failures.jsonl'}" if finished < len(jobs) else ""))
     return 0 if tally.failed == 0 else 1
