@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from imagic.auto_eta import AUTO_ETAS, FRACTION, choose
+from imagic.auto_eta import AUTO_ETAS, FRACTION, AutoChoice, choose, choose_strategy
 from imagic.cli import main
 from imagic.errors import ModelError
 
@@ -66,3 +66,64 @@ def test_generate_from_a_session_with_eta_auto(tmp_path, tiny_model_dir, photo_p
     assert pick["eta"] == choose(pick["etas"], pick["margins"], pick["distances"])
     chosen = Image.open(second / "auto_seed0.png")
     assert chosen.tobytes() == Image.open(second / f"eta{pick['eta']:.2f}_seed0.png").tobytes()
+
+
+def sweep(forget, margins, distances):
+    etas = [0.4, 0.8, 1.2]
+    return AutoChoice(0, choose(etas, margins, distances), etas, margins, distances, forget)
+
+
+def test_forgetting_is_picked_only_where_the_edit_needs_it():
+    # no forgetting reaches the text: the more faithful of the two that do is picked
+    plain = sweep("none", [0.0, 0.9, 1.0], [0.1, 0.3, 0.35])
+    strong = sweep("noencoder", [0.1, 1.0, 1.1], [0.2, 0.5, 0.6])
+    assert (plain.eta, strong.eta) == (0.8, 0.8)
+    picked = choose_strategy([plain, strong])
+    assert picked is plain and picked.others == [strong]
+    # without forgetting the text is not reached (scored by the base model, so comparable)
+    weak = sweep("none", [0.0, 0.1, 0.2], [0.1, 0.12, 0.14])
+    assert choose_strategy([weak, strong]) is strong
+    # one sweep (forget not "auto"): the η rule alone
+    assert choose_strategy([weak]) is weak and weak.others == []
+    # no pick reaches FRACTION of the best gain (b's at 0.8, which b's η rule passes by for
+    # the structure's step at 1.2): the most aligned pick
+    a = sweep("none", [0.0, 0.5, 0.2], [0.1, 0.4, 0.5])
+    b = sweep("decoderattn", [0.0, 1.0, 0.6], [0.1, 0.2, 0.6])
+    assert (a.eta, b.eta) == (0.8, 1.2)
+    assert choose_strategy([a, b]).forget == "decoderattn"
+    assert AutoChoice.from_dict(picked.to_dict()) == picked
+
+
+def test_forgetting_auto_renders_each_strategy_and_the_pick_is_one_of_them(tmp_path,
+                                                                          tiny_model_dir,
+                                                                          photo_path):
+    """The API on a one-η sweep (the CLI's --eta auto sweeps 9 η per strategy), then the CLI."""
+    from imagic import EditConfig, Imagic, load_backend
+    from imagic.auto_eta import choose_etas
+    from imagic.images import load_image
+    from imagic.outputs import write_outputs
+
+    backend = load_backend(str(tiny_model_dir))
+    config = EditConfig(embed_steps=2, finetune_steps=2, finetune_lr=2e-3, sample_steps=2)
+    editor = Imagic(backend, config, quiet=True)
+    session = editor.fit(load_image(photo_path), "a photo of a red dog")
+    results = editor.generate(session, etas=[0.8], seeds=[0], forget="auto")
+    strategies = ["none", "encoderkv", "noencoder", "decoderattn"]  # a full fine-tune's
+    assert [(r.forget, r.eta) for r in results] == [(s, 0.8) for s in strategies]
+    choices = choose_etas(backend, session, results)
+    pick = choices[0]
+    assert sorted([pick.forget, *(c.forget for c in pick.others)]) == sorted(strategies)
+    out = tmp_path / "out"
+    write_outputs(out, session, results, [0.8], [0], {"command": "test"}, choices)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["auto_eta"][0]["forget"] == pick.forget
+    assert len([f for f in manifest["images"] if not f.get("auto")]) == 4
+    same = Image.open(out / f"eta{pick.eta:.2f}_seed0_forget-{pick.forget}.png")
+    assert Image.open(out / "auto_seed0.png").tobytes() == same.tobytes()
+    assert Image.open(out / "grid.png").height > 4 * same.height  # a row per strategy
+    # the CLI renders every strategy from a saved session without training
+    session.save(tmp_path / "session")
+    assert main(["generate", str(tmp_path / "session"), "--forget", "auto", "--eta", "1",
+                 "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "cli" / "manifest.json").read_text())["images"]
+    assert sorted(f["forget"] for f in written) == sorted(strategies)

@@ -136,6 +136,13 @@ def test_the_form_passes_only_what_differs_from_the_preset(backend, tmp_path):
     form |= {"embed_steps": 7.0, "finetune": "lora"}
     assert recipe_options("shapes", "auto", "0:1", form, studio) == {
         "embed_steps": 7, "finetune": "lora", "etas": "auto", "seeds": (0, 1)}
+    # Forgedit's forgetting and AID's interpolation are kept in the session, for its re-renders
+    form |= {"forget": "noencoder", "interpolation": "attention", "attention_warmup": 0.5}
+    options = recipe_options("shapes", "1", "0", form, studio)
+    assert options["forget"] == "noencoder" and options["interpolation"] == "attention"
+    assert "attention_warmup" not in options  # the preset's own value
+    config = studio.check_edit(EXAMPLE, TEXT, None, options).config
+    assert (config.forget, config.interpolation) == ("noencoder", "attention")
 
 
 def test_cancel_stops_training_keeps_the_model_and_writes_nothing(backend, tmp_path):

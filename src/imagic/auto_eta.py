@@ -22,15 +22,24 @@ Rule, per seed, over the sweep η_1 < … < η_n:
 
 Why both: the margin alone can peak one η before a shape has actually changed, while 1 − SSIM
 jumps at the η where it does. Beyond the pick a larger η only costs fidelity. FRACTION is a
-fixed constant, not tuned per model or benchmark. docs/RESULTS.md ("Automatic η") compares the
-rule with the best fixed η and the best η per case on ShapesBench.
+fixed constant, not tuned per model or benchmark.
+
+With forget "auto" the sweep is rendered once per forgetting strategy, and the rule above
+picks an η per strategy. The margin is scored by the base model, so it compares images across
+strategies: the pick is the strategy whose image is closest to the input (smallest d) among
+those whose gain reaches FRACTION of the largest gain of any image of any strategy (the most
+aligned one when none does). Forgetting buys editability with fidelity; this takes it only
+where the edit needs it. With one strategy it is the rule above.
+
+docs/RESULTS.md ("Automatic η") compares the rule with the best fixed η and the best η per case
+on ShapesBench.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -49,10 +58,19 @@ class AutoChoice:
     etas: list[float]  # the sweep
     margins: list[float]  # m(η): D(y, e_opt) − D(y, e_tgt) under the base model
     distances: list[float]  # d(η): 1 − SSIM(y, input)
+    forget: str = "none"  # the forgetting strategy of the sweep (and of the pick)
+    others: list[AutoChoice] = field(default_factory=list)  # forget "auto": the other sweeps
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "eta": self.eta, "etas": self.etas,
-                "margins": self.margins, "distances": self.distances}
+        return {"seed": self.seed, "eta": self.eta, "forget": self.forget, "etas": self.etas,
+                "margins": self.margins, "distances": self.distances,
+                **({"others": [c.to_dict() for c in self.others]} if self.others else {})}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AutoChoice:
+        """The inverse of to_dict (a manifest's "auto_eta" entry)."""
+        others = [cls.from_dict(c) for c in data.get("others", [])]
+        return cls(**{**data, "others": others})
 
 
 def choose(etas: Sequence[float], margins: Sequence[float], distances: Sequence[float]) -> float:
@@ -68,6 +86,19 @@ def choose(etas: Sequence[float], margins: Sequence[float], distances: Sequence[
         return aligned
     step = max(range(1, len(etas)), key=lambda i: distances[i] - distances[i - 1])
     return max(aligned, etas[step])
+
+
+def choose_strategy(sweeps: Sequence[AutoChoice]) -> AutoChoice:
+    """Among one seed's sweeps (one per forgetting strategy, each with its η picked), the one
+    the rule above picks, with the others attached."""
+    low = min(m for c in sweeps for m in c.margins)
+    best = max(m - low for c in sweeps for m in c.margins)
+    picked = [(c, c.margins[c.etas.index(c.eta)] - low, c.distances[c.etas.index(c.eta)])
+              for c in sweeps]
+    aligned = [p for p in picked if p[1] >= FRACTION * best]
+    chosen = (min(aligned, key=lambda p: p[2]) if aligned else max(picked, key=lambda p: p[1]))[0]
+    chosen.others = [c for c in sweeps if c is not chosen]
+    return chosen
 
 
 @torch.no_grad()
@@ -97,7 +128,8 @@ def structural_distance(images: Sequence[Image.Image], reference: Image.Image) -
 
 
 def choose_etas(backend, session, results) -> dict[int, AutoChoice]:
-    """Per seed of `results` (stage-3 outputs of `session`), the η the rule picks.
+    """Per seed of `results` (stage-3 outputs of `session`), the η the rule picks, and the
+    forgetting strategy when `results` hold several (forget "auto").
 
     Scored with the base model (no fine-tuned delta applied): the margin asks θ, not θ′ that
     memorised the input, whether y reads as the target text.
@@ -107,13 +139,17 @@ def choose_etas(backend, session, results) -> dict[int, AutoChoice]:
     e_opt = session.e_opt.map(lambda t: t.to(backend.device))
     choices = {}
     for seed in dict.fromkeys(r.seed for r in results):
-        row = sorted((r for r in results if r.seed == seed), key=lambda r: r.eta)
-        images = [r.image for r in row]
-        d_opt = denoising_error(backend, images, e_opt)
-        d_tgt = denoising_error(backend, images, e_tgt)
-        margins = [a - b for a, b in zip(d_opt, d_tgt)]
-        distances = structural_distance(images, session.input_image)
-        etas = [r.eta for r in row]
-        choices[seed] = AutoChoice(seed, choose(etas, margins, distances), etas, margins,
-                                   distances)
+        sweeps = []
+        for strategy in dict.fromkeys(r.forget for r in results if r.seed == seed):
+            row = sorted((r for r in results if r.seed == seed and r.forget == strategy),
+                         key=lambda r: r.eta)
+            images = [r.image for r in row]
+            d_opt = denoising_error(backend, images, e_opt)
+            d_tgt = denoising_error(backend, images, e_tgt)
+            margins = [a - b for a, b in zip(d_opt, d_tgt)]
+            distances = structural_distance(images, session.input_image)
+            etas = [r.eta for r in row]
+            sweeps.append(AutoChoice(seed, choose(etas, margins, distances), etas, margins,
+                                     distances, strategy))
+        choices[seed] = choose_strategy(sweeps)
     return choices

@@ -32,9 +32,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import attention
 from .backends.base import Backend, TextCond
 from .errors import InputError
-from .forgetting import forget
+from .forgetting import candidates, check_forgetting, forget
 from .images import check_size, min_side, to_square, upright_rgb
 from .presets import EditConfig, get_preset
 from .session import EditSession
@@ -163,7 +164,8 @@ def vector_projection(e_tgt: TextCond, e_opt: TextCond, eta: float) -> TextCond:
     return TextCond.from_tensors({k: mix(v, e_opt.tensors()[k]) for k, v in tensors.items()})
 
 
-INTERPOLATE = {"linear": interpolate, "vp": vector_projection}  # EditConfig.interpolation
+# EditConfig.interpolation -> ē(e_tgt, e_opt, η); "attention" (AID) works inside the UNet instead
+INTERPOLATE = {"linear": interpolate, "vp": vector_projection}
 
 
 @dataclass
@@ -173,10 +175,12 @@ class EditImage:
     eta: float
     seed: int
     image: Image.Image
+    forget: str = "none"  # the forgetting strategy it was sampled with
 
 
-STAGE3_OPTIONS = ("guidance", "sample_steps", "sampler", "start", "interpolation", "forget",
-                  "forget_strength")  # the EditConfig fields stage 3 can change per render
+# the EditConfig fields stage 3 can change per render
+STAGE3_OPTIONS = ("guidance", "sample_steps", "sampler", "start", "interpolation",
+                  "attention_warmup", "forget", "forget_strength")
 
 
 def generate(
@@ -193,7 +197,8 @@ def generate(
     seed gives the same starting noise at every η, and batching never changes a picture. With
     start "inversion" every image starts from x_T, the input's DDIM inversion under θ' and
     e_opt, instead (not in the paper). `stage3` overrides the session's STAGE3_OPTIONS (None:
-    the session's); forgetting applies to θ' before anything is sampled or inverted.
+    the session's); forgetting applies to θ' before anything is sampled or inverted, and
+    forget "auto" renders every (seed, η) once per strategy of forgetting.candidates.
     """
     unknown = sorted(set(stage3) - set(STAGE3_OPTIONS))
     if unknown:
@@ -207,32 +212,45 @@ def generate(
     )  # replace() re-runs the checks on every stage 3 field
     session.check_model(backend)
     check_sample_steps(backend, config.sample_steps, config.sampler)
+    check_stage3(backend, config)
     jobs = [(seed, eta) for seed in config.seeds for eta in config.etas]
     uncond = backend.encode_text([""])
     e_tgt = session.e_tgt.map(lambda t: t.to(backend.device))
     e_opt = session.e_opt.map(lambda t: t.to(backend.device))
     results: list[EditImage] = []
-    bar = tqdm(total=len(jobs), desc="stage 3/3 generate", unit="img", disable=quiet)
-    mix = INTERPOLATE[config.interpolation]
-    with backend.apply_delta(forget(backend, session.delta, config.forget,
-                                    config.forget_strength)):
-        x_start = None
-        if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
-            x0 = backend.encode_image(session.input_image)
-            x_start = backend.invert(x0, e_opt, config.sample_steps)
-        for first in range(0, len(jobs), config.sample_batch):
-            chunk = jobs[first : first + config.sample_batch]
-            conds = TextCond.cat([mix(e_tgt, e_opt, eta) for _, eta in chunk])
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk]
-            images = backend.sample(
-                conds, uncond, generators, config.sample_steps, config.guidance,
-                sampler=config.sampler, x_start=x_start,
-                stage_conds=TextCond.cat([e_tgt] * len(chunk)),  # super-resolution: e_tgt
-            )
-            results += [EditImage(eta, seed, img) for (seed, eta), img in zip(chunk, images)]
-            bar.update(len(chunk))
+    strategies = candidates(session.delta) if config.forget == "auto" else [config.forget]
+    bar = tqdm(total=len(jobs) * len(strategies), desc="stage 3/3 generate", unit="img",
+               disable=quiet)
+    for strategy in strategies:
+        with backend.apply_delta(forget(backend, session.delta, strategy,
+                                        config.forget_strength)):
+            x_start = None
+            if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
+                x0 = backend.encode_image(session.input_image)
+                x_start = backend.invert(x0, e_opt, config.sample_steps)
+            for first in range(0, len(jobs), config.sample_batch):
+                chunk = jobs[first : first + config.sample_batch]
+                results += [EditImage(eta, seed, image, strategy) for (seed, eta), image in
+                            zip(chunk, sample(backend, chunk, e_tgt, e_opt, uncond, config,
+                                              x_start))]
+                bar.update(len(chunk))
     bar.close()
     return results
+
+
+def sample(backend: Backend, jobs, e_tgt: TextCond, e_opt: TextCond, uncond: TextCond, config,
+           x_start=None) -> list[Image.Image]:
+    """One image per (seed, η) of `jobs`, mixed as config.interpolation says, under the
+    weights the backend has now."""
+    if config.interpolation == "attention":
+        return attention.sample(backend, jobs, e_tgt, e_opt, uncond, config, x_start)
+    mix = INTERPOLATE[config.interpolation]
+    return backend.sample(
+        TextCond.cat([mix(e_tgt, e_opt, eta) for _, eta in jobs]), uncond,
+        [torch.Generator("cpu").manual_seed(seed) for seed, _ in jobs],
+        config.sample_steps, config.guidance, sampler=config.sampler, x_start=x_start,
+        stage_conds=TextCond.cat([e_tgt] * len(jobs)),  # super-resolution: e_tgt
+    )
 
 
 # --------------------------------------------------------------------------- the editor
@@ -260,6 +278,7 @@ class Imagic:
         backend, config = self.backend, self.config  # EditConfig checked itself when made
         text = check_text(backend, text)
         check_sample_steps(backend, config.sample_steps, config.sampler)
+        check_stage3(backend, config)
         check_size(image.size, min_side=min_side(backend.output_resolution))
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(upright_rgb(image), backend.output_resolution, pad=pad)
@@ -328,6 +347,15 @@ def _discard_finetune(backend: Backend) -> None:
     # it fails only when stage 2 failed before it changed anything: nothing to undo then
     with contextlib.suppress(Exception):
         backend.take_delta()
+
+
+def check_stage3(backend: Backend, config) -> None:
+    """Forgetting and attention interpolation work on a UNet's blocks and attention layers:
+    refuse them for another denoiser before any training rather than after it."""
+    if config.forget != "none":
+        check_forgetting(backend, config.forget)  # "auto" too: its candidates are strategies
+    if config.interpolation == "attention":
+        attention.check_backend(backend)
 
 
 def check_sample_steps(backend: Backend, steps: int, sampler: str) -> None:

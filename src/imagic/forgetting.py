@@ -45,6 +45,11 @@ STRATEGIES: dict[str, Callable[[str], bool] | None] = {
     "decoderattn+decoder2": _block("up_blocks.", _ATTENTION, keep_block="up_blocks.2."),
 }
 LORA_PARTS = (".lora_A.", ".lora_B.")  # how peft names an adapter's two matrices
+# `forget="auto"` renders the session with each of these (one per kind of group: nothing, the
+# encoder but its text keys and values, the whole encoder, the decoder's non-attention layers),
+# and `--eta auto` then picks the strategy with η (auto_eta.choose_strategy)
+AUTO_CANDIDATES = ("none", "encoderkv", "noencoder", "decoderattn")
+CHOICES = (*STRATEGIES, "auto")  # EditConfig.forget
 
 
 def forget(backend, delta, strategy: str, strength: float = 1.0):
@@ -57,11 +62,9 @@ def forget(backend, delta, strategy: str, strength: float = 1.0):
     reverts = STRATEGIES[strategy]
     if reverts is None or strength == 0:
         return delta
+    check_forgetting(backend, strategy)
     base = dict(backend.stage_unets()["base"].named_parameters())
-    if not any(name.startswith(("down_blocks.", "up_blocks.")) for name in base):
-        raise InputError(f"forgetting ({strategy}) reverts parts of a UNet's encoder or "
-                         f"decoder; {backend.family}'s denoiser has neither")
-    if not any(reverts(_module(name, delta.kind)) for name in delta.tensors if "/" not in name):
+    if not changes_anything(delta, strategy):
         why = " (a LoRA adapter trains attention layers only)" if delta.kind == "lora" else ""
         warnings.warn(f"forgetting {strategy} changes nothing here: the session trained none "
                       f"of the weights it reverts{why}", stacklevel=2)
@@ -77,6 +80,28 @@ def forget(backend, delta, strategy: str, strength: float = 1.0):
             original = base[name].detach().to(value.device, value.dtype)
             tensors[name] = value + strength * (original - value)
     return Delta(delta.kind, tensors, delta.lora_rank)
+
+
+def changes_anything(delta, strategy: str) -> bool:
+    """Whether the strategy reverts any tensor the session trained (a LoRA adapter trains
+    attention layers only, which the "attn" strategies keep)."""
+    reverts = STRATEGIES[strategy]
+    return reverts is not None and any(
+        reverts(_module(name, delta.kind)) for name in delta.tensors if "/" not in name)
+
+
+def candidates(delta) -> list[str]:
+    """The strategies `forget="auto"` renders for this session: "none" and those of
+    AUTO_CANDIDATES that change something."""
+    return ["none", *(s for s in AUTO_CANDIDATES[1:] if changes_anything(delta, s))]
+
+
+def check_forgetting(backend, strategy: str) -> None:
+    """A strategy names a UNet's encoder or decoder blocks; other denoisers have neither."""
+    names = (name for name, _ in backend.stage_unets()["base"].named_parameters())
+    if not any(name.startswith(("down_blocks.", "up_blocks.")) for name in names):
+        raise InputError(f"forgetting ({strategy}) reverts parts of a UNet's encoder or "
+                         f"decoder; {backend.family}'s denoiser has neither")
 
 
 def _module(name: str, kind: str) -> str:

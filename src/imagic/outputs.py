@@ -190,20 +190,29 @@ def write_outputs(out: Path, session: EditSession, results, etas, seeds, extra: 
     out = check_out_dir(out)
     images: dict[str, object] = {}
     files = []
+    strategies = list(dict.fromkeys(r.forget for r in results))
+    several = len(strategies) > 1  # forget "auto": one sweep per strategy, named apart
     for r in results:
-        name = f"eta{r.eta:.2f}_seed{r.seed}.png"
-        images[name] = r.image
-        files.append({"file": name, "eta": r.eta, "seed": r.seed})
+        name = f"eta{r.eta:.2f}_seed{r.seed}" + (f"_forget-{r.forget}" if several else "")
+        images[name + ".png"] = r.image
+        files.append({"file": name + ".png", "eta": r.eta, "seed": r.seed,
+                      **({"forget": r.forget} if several else {})})
     for seed, choice in (choices or {}).items():
-        chosen = next(r for r in results if r.seed == seed and r.eta == choice.eta)
+        chosen = next(r for r in results
+                      if r.seed == seed and r.eta == choice.eta and r.forget == choice.forget)
         images[f"auto_seed{seed}.png"] = chosen.image
         files.append({"file": f"auto_seed{seed}.png", "eta": choice.eta, "seed": seed,
-                      "auto": True})
+                      "auto": True, **({"forget": choice.forget} if several else {})})
     start = (stage3 or {}).get("start", session.config.start)
-    images["grid.png"] = make_grid(session.input_image,
-                                   {(r.seed, r.eta): r.image for r in results}, seeds, etas,
-                                   title=session.text,
-                                   row_labels=["inversion"] if start == "inversion" else None)
+    if several:  # a row per (seed, strategy)
+        rows = [(seed, s) for seed in seeds for s in strategies]
+        labels = [f"seed {seed}\n{s}" for seed, s in rows]
+        cells = {((r.seed, r.forget), r.eta): r.image for r in results}
+    else:
+        rows, cells = list(seeds), {(r.seed, r.eta): r.image for r in results}
+        labels = ["inversion"] if start == "inversion" else None
+    images["grid.png"] = make_grid(session.input_image, cells, rows, etas, title=session.text,
+                                   row_labels=labels)
     manifest = {
         **extra,
         "text": session.text,

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .auto_eta import AUTO_ETAS
 from .errors import InputError
-from .forgetting import STRATEGIES
+from .forgetting import CHOICES as FORGET_CHOICES
 
 SAMPLERS = ("ddim", "dpm++")  # stage 3's solvers (backends/diffusers_unet.make_sampler)
 STARTS = ("noise", "inversion")  # where stage 3's sampling starts (EditConfig.start)
 TUNINGS = ("imagic", "forgedit")  # how stages 1-2 run (EditConfig.tuning)
-INTERPOLATIONS = ("linear", "vp")  # how ē mixes e_tgt and e_opt (editor.INTERPOLATE)
+INTERPOLATIONS = ("linear", "vp", "attention")  # how stage 3 mixes e_tgt and e_opt
 CUDA_GRAPHS = {"auto": None, "on": True, "off": False}  # option value -> EditConfig.cuda_graphs
 MAX_SEED = 2**63 - 1  # torch generators take seeds up to this
 
@@ -58,10 +58,14 @@ class EditConfig:
     # its details (not in the paper; one image per η, so one seed, and DDIM only)
     start: str = "noise"
     # "linear": the paper's ē = η·e_tgt + (1−η)·e_opt; "vp": Forgedit's vector projection,
-    # e_opt plus η times the part of e_tgt orthogonal to it (editor.vector_projection)
+    # e_opt plus η times the part of e_tgt orthogonal to it (editor.vector_projection);
+    # "attention": AID's attention interpolation with the e_opt and e_tgt images (attention.py)
+    # for the first attention_warmup of the sampling steps
     interpolation: str = "linear"
-    # Forgedit's forgetting: groups of θ' that go back to θ while sampling (forgetting.py), and
-    # how far (1: all the way)
+    attention_warmup: float = 0.5
+    # Forgedit's forgetting: groups of θ' that go back to θ while sampling (forgetting.py; "auto":
+    # each of forgetting.AUTO_CANDIDATES, for --eta auto to pick from), and how far (1: all the
+    # way)
     forget: str = "none"
     forget_strength: float = 1.0
 
@@ -196,8 +200,11 @@ def check_config(config: EditConfig) -> None:
     if config.interpolation not in INTERPOLATIONS:
         raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
                          f"{config.interpolation!r}")
-    if config.forget not in STRATEGIES:
-        raise InputError(f"forget must be one of {', '.join(STRATEGIES)}, got "
+    if not 0 < config.attention_warmup <= 1:
+        raise InputError(f"attention_warmup is a fraction of the sampling steps in (0, 1], got "
+                         f"{config.attention_warmup:g}")
+    if config.forget not in FORGET_CHOICES:
+        raise InputError(f"forget must be one of {', '.join(FORGET_CHOICES)}, got "
                          f"{config.forget!r}")
     if not 0 <= config.forget_strength <= 1:
         raise InputError(f"forget_strength must lie in [0, 1], got {config.forget_strength:g}")

@@ -38,7 +38,7 @@ from ..auto_eta import AUTO_ETAS, choose, choose_etas
 from ..backends.base import Delta
 from ..editor import Imagic, check_sample_steps
 from ..errors import InputError
-from ..forgetting import STRATEGIES
+from ..forgetting import STRATEGIES, candidates
 from ..images import write_text_atomic
 from ..presets import EditConfig
 from ..shapes.evaluate import check_edit
@@ -65,17 +65,20 @@ METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "te
 # edits at its own, lower, guidance from the inversion; `--guidance` changes it).
 GUIDANCE = 4.0
 # on request (--methods), so the runs made before it resume without re-fitting every case;
-# imagic-vp and forget-STRATEGY re-render Imagic's session with Forgedit's vector projection or
-# forgetting (the η sweep of `imagic`)
-OPTIONAL_METHODS = ("imagic-inversion", "no-sr-finetune", "imagic-vp",
+# imagic-vp, imagic-attention and forget-STRATEGY re-render Imagic's session with Forgedit's
+# vector projection, AID's attention interpolation or forgetting (the η sweep of `imagic`)
+# imagic-auto-forget: auto-η's pick of (η, strategy) among the sweeps of forget "auto"
+OPTIONAL_METHODS = ("imagic-inversion", "no-sr-finetune", "imagic-vp", "imagic-attention",
+                    "imagic-auto-forget",
                     *(f"forget-{name}" for name in STRATEGIES if name != "none"))
 FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
-          "psnr", "ssim", "status", "text", "margin", "distance")
+          "psnr", "ssim", "status", "text", "margin", "distance", "forget")
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
 # input's pebbles found within 1.5 px and no new ones (1: mean error < 25/255 on their pixels).
 SCORER = 2
 # margin, distance: auto-η's two signals for this output (imagic rows, when imagic-auto runs):
-# D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input
+# D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input; forget: the
+# strategy imagic-auto-forget picked (its row only)
 
 
 def kinds_of(rows) -> list[str]:
@@ -185,7 +188,8 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
     # Imagic, auto-η, the inversion start and the ablations without (some) fine-tuning share
     # stages 1–2
     if any(m in ("imagic", "imagic-auto", "imagic-inversion", "no-finetune", "no-sr-finetune",
-                 "imagic-vp") or m.startswith("forget-") for m in methods):
+                 "imagic-vp", "imagic-attention", "imagic-auto-forget")
+           or m.startswith("forget-") for m in methods):
         editor = Imagic(backend, config, quiet=True)
         session = editor.fit(image, text)
     # The ablation without embedding optimization: e_opt = e_tgt, so every η is the same image
@@ -198,8 +202,15 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
         def name(method, guidance=guidance):
             return method_names([method], guidances)[scales.index(guidance)]
 
+        sweeps: dict[str, list] = {}  # strategy -> Imagic's sweep with it, rendered once
+
+        def sweep(strategy: str, guidance=guidance, sweeps=sweeps) -> list:
+            if strategy not in sweeps:
+                sweeps[strategy] = editor.generate(session, guidance=guidance, forget=strategy)
+            return sweeps[strategy]
+
         if {"imagic", "imagic-auto"} & set(methods):
-            results = editor.generate(session, guidance=guidance)
+            results = sweep("none")
             imagic_rows = [score(case, name("imagic"), r.eta, seed, r.image) for r in results]
             if "imagic-auto" in methods:
                 # the signals of every output, then the choice among the η `--eta auto` sweeps
@@ -217,12 +228,19 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
         if "imagic-inversion" in methods:
             rows += [score(case, name("imagic-inversion"), r.eta, seed, r.image)
                      for r in editor.generate(session, guidance=guidance, start="inversion")]
-        if "imagic-vp" in methods:
-            rows += [score(case, name("imagic-vp"), r.eta, seed, r.image)
-                     for r in editor.generate(session, guidance=guidance, interpolation="vp")]
-        for method in (m for m in methods if m.startswith("forget-")):
+        for method in (m for m in methods if m in ("imagic-vp", "imagic-attention")):
             rows += [score(case, name(method), r.eta, seed, r.image) for r in editor.generate(
-                session, guidance=guidance, forget=method.removeprefix("forget-"))]
+                session, guidance=guidance, interpolation=method.removeprefix("imagic-"))]
+        for method in (m for m in methods if m.startswith("forget-")):
+            rows += [score(case, name(method), r.eta, seed, r.image)
+                     for r in sweep(method.removeprefix("forget-"))]
+        if "imagic-auto-forget" in methods:  # the pick among forget "auto"'s sweeps
+            every = [r for strategy in candidates(session.delta) for r in sweep(strategy)]
+            swept = [r for r in every if r.eta in AUTO_ETAS] or every
+            choice = choose_etas(backend, session, swept)[seed]
+            chosen = next(r for r in swept if r.eta == choice.eta and r.forget == choice.forget)
+            rows.append({**score(case, name("imagic-auto-forget"), choice.eta, seed,
+                                 chosen.image), "forget": choice.forget})
         if "no-finetune" in methods:
             untuned = replace(session,
                               delta=Delta(session.delta.kind, {}, session.delta.lora_rank))
@@ -368,7 +386,7 @@ def summary(rows) -> str:
              "| outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     present = dict.fromkeys(r["method"] for r in rows)
-    bases = ("imagic", "imagic-inversion", "imagic-vp",
+    bases = ("imagic", "imagic-inversion", "imagic-vp", "imagic-attention",
              *(m for m in OPTIONAL_METHODS if m.startswith("forget-")), "no-finetune",
              "no-sr-finetune", "no-embedding", "sdedit", "text-only")
     methods = [m for base in bases for m in present if m == base or m.startswith(f"{base}-g")]

@@ -63,8 +63,9 @@ def register(sub) -> None:
                              "no-embedding, sdedit, text-only (default: these six, and on a "
                              "cascade no-sr-finetune), and on request imagic-inversion (stage 3 "
                              "from the input's inversion), imagic-vp (Forgedit's vector "
-                             "projection) and forget-STRATEGY (Forgedit's forgetting, e.g. "
-                             "forget-decoderkv): these three re-render Imagic's session")
+                             "projection), imagic-attention (AID), forget-STRATEGY (Forgedit's "
+                             "forgetting, e.g. forget-decoderkv) and imagic-auto-forget (auto-η's "
+                             "pick of η and forgetting): these re-render Imagic's session")
     shapes.add_argument("--guidance", dest="guidances", type=parse_floats,
                         help="classifier-free guidance of every method (default 4, the model's "
                              "training default); several (1,1.5,2) sample every method at each "

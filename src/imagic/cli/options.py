@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..forgetting import STRATEGIES
+from ..forgetting import CHOICES as FORGET_CHOICES
 from ..presets import CUDA_GRAPHS, INTERPOLATIONS, MAX_VALUES, SAMPLERS, STARTS, TUNINGS
 
 # ------------------------------------------------------------------------ argument types
@@ -147,14 +147,21 @@ SAMPLING = (
                                "backwards: keeps its details; one image per η); default: the "
                                "preset's or the session's")),
     ("--interpolation", "interpolation",
-     dict(choices=INTERPOLATIONS, help="how η mixes e_tgt and e_opt: linear (the paper's) or "
+     dict(choices=INTERPOLATIONS, help="how η mixes e_tgt and e_opt: linear (the paper's), "
                                        "vp (Forgedit's vector projection: e_opt + η × the part "
-                                       "of e_tgt orthogonal to it); default: the session's")),
+                                       "of e_tgt orthogonal to it) or attention (AID: each "
+                                       "image attends to the e_opt and e_tgt images' attention, "
+                                       "sampled beside it); default: the session's")),
+    ("--attention-warmup", "attention_warmup",
+     dict(type=float, help="with --interpolation attention: the fraction of the sampling "
+                           "steps that interpolate attention (default 0.5, AID's)")),
     ("--forget", "forget",
-     dict(choices=list(STRATEGIES), help="Forgedit's forgetting: sample with these groups of "
-                                         "the fine-tuned UNet back at the base weights "
-                                         "(encoder = down blocks, decoder = up blocks; kv and "
-                                         "attn keep those layers tuned); no retraining")),
+     dict(choices=FORGET_CHOICES, help="Forgedit's forgetting: sample with these groups of "
+                                       "the fine-tuned UNet back at the base weights (encoder "
+                                       "= down blocks, decoder = up blocks; kv and attn keep "
+                                       "those layers tuned); no retraining. auto: render with "
+                                       "none, encoderkv, noencoder and decoderattn, and with "
+                                       "--eta auto pick the strategy with η")),
     ("--forget-strength", "forget_strength",
      dict(type=float, help="how far the forgotten groups go back, 0 to 1 (default 1: all the "
                            "way)")),

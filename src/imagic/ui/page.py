@@ -19,7 +19,8 @@ from PIL import Image  # noqa: E402
 from ..cli import describe_os_error  # noqa: E402
 from ..cli.options import parse_eta_or_auto, parse_seeds  # noqa: E402
 from ..errors import ImagicError  # noqa: E402
-from ..presets import PRESETS, SAMPLERS, STARTS  # noqa: E402
+from ..forgetting import STRATEGIES  # noqa: E402
+from ..presets import INTERPOLATIONS, PRESETS, SAMPLERS, STARTS  # noqa: E402
 from ..shapes.world import EXAMPLES_DIR  # noqa: E402
 from .studio import Cancelled, EditRequest, Render, Studio  # noqa: E402
 
@@ -39,9 +40,15 @@ NUMBERS = (
     ("lora_lr", "stage 2 learning rate (LoRA)", False),
     ("guidance", "guidance", False),
     ("sample_steps", "sampling steps", True),
+    ("attention_warmup", "attention interpolation: share of steps", False),
+    ("forget_strength", "forgetting strength", False),
 )
+# the session keeps interpolation and forgetting: its re-renders use them too ("auto" forgetting,
+# a sweep per strategy, is the command line's)
 CHOICES = (("finetune", "stage 2 trains", ("full", "lora")), ("sampler", "sampler", SAMPLERS),
-           ("start", "sampling starts from", STARTS))
+           ("start", "sampling starts from", STARTS),
+           ("interpolation", "interpolation", INTERPOLATIONS),
+           ("forget", "forgetting (Forgedit)", tuple(STRATEGIES)))
 ADVANCED = [name for name, _, _ in NUMBERS] + [name for name, _, _ in CHOICES]
 POLL_S = 0.5  # how often a running job's stage and loss are read for the status line
 

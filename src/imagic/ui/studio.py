@@ -446,7 +446,7 @@ def _last_render(folder: Path, session: EditSession) -> _Open:
             opened.images[(int(item["seed"]), float(item["eta"]))] = load_image(
                 folder / name, min_side=1)
         for choice in manifest.get("auto_eta", []):
-            opened.choices[int(choice["seed"])] = AutoChoice(**choice)
+            opened.choices[int(choice["seed"])] = AutoChoice.from_dict(choice)
     except (OSError, ValueError, KeyError, TypeError, ImagicError):
         return _Open(session, {}, [], [], {})  # no usable render: start from none
     if all((s, e) in opened.images for s in seeds for e in etas):
