@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from imagic.auto_eta import AUTO_ETAS, FRACTION, AutoChoice, choose, choose_strategy
@@ -74,24 +75,41 @@ def sweep(forget, margins, distances):
 
 
 def test_forgetting_is_picked_only_where_the_edit_needs_it():
-    # no forgetting reaches the text: the more faithful of the two that do is picked
-    plain = sweep("none", [0.0, 0.9, 1.0], [0.1, 0.3, 0.35])
+    # sweeps come least forgetting first; the first whose pick reads as the text (m > 0) wins
+    plain = sweep("none", [-0.2, 0.3, 0.4], [0.1, 0.3, 0.35])
     strong = sweep("noencoder", [0.1, 1.0, 1.1], [0.2, 0.5, 0.6])
     assert (plain.eta, strong.eta) == (0.8, 0.8)
     picked = choose_strategy([plain, strong])
     assert picked is plain and picked.others == [strong]
-    # without forgetting the text is not reached (scored by the base model, so comparable)
-    weak = sweep("none", [0.0, 0.1, 0.2], [0.1, 0.12, 0.14])
-    assert choose_strategy([weak, strong]) is strong
+    # without forgetting the image still reads as the input (m < 0): forget, but no more
+    # than needed
+    weak = sweep("none", [-0.5, -0.3, -0.2], [0.1, 0.12, 0.3])
+    mild = sweep("encoderkv", [-0.4, 0.2, 0.3], [0.1, 0.3, 0.35])
+    assert choose_strategy([weak, mild, strong]) is mild
     # one sweep (forget not "auto"): the η rule alone
     assert choose_strategy([weak]) is weak and weak.others == []
-    # no pick reaches FRACTION of the best gain (b's at 0.8, which b's η rule passes by for
-    # the structure's step at 1.2): the most aligned pick
-    a = sweep("none", [0.0, 0.5, 0.2], [0.1, 0.4, 0.5])
-    b = sweep("decoderattn", [0.0, 1.0, 0.6], [0.1, 0.2, 0.6])
-    assert (a.eta, b.eta) == (0.8, 1.2)
+    # no pick reads as the text: the most aligned pick
+    a = sweep("none", [-0.9, -0.5, -0.2], [0.1, 0.4, 0.5])
+    b = sweep("decoderattn", [-0.9, -0.1, -0.3], [0.1, 0.3, 0.35])
     assert choose_strategy([a, b]).forget == "decoderattn"
     assert AutoChoice.from_dict(picked.to_dict()) == picked
+
+
+def test_auto_candidates_go_from_least_to_most_forgetting():
+    from imagic.backends.base import Delta
+    from imagic.forgetting import candidates, reverted_elements
+
+    names = {"down_blocks.0.resnets.0.conv1.weight": 10, "down_blocks.0.attentions.0."
+             "transformer_blocks.0.attn2.to_k.weight": 3, "up_blocks.1.resnets.0.conv1.weight": 4,
+             "mid_block.resnets.0.conv1.weight": 5}
+    delta = Delta("full", {k: torch.zeros(n) for k, n in names.items()})
+    assert reverted_elements(delta, "noencoder") == 13
+    assert reverted_elements(delta, "encoderkv") == 10
+    assert reverted_elements(delta, "decoderattn") == 4
+    assert candidates(delta) == ["none", "decoderattn", "encoderkv", "noencoder"]
+    lora = Delta("lora", {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B."
+                          "weight": torch.zeros(4, 2)}, lora_rank=2)
+    assert candidates(lora) == ["none", "encoderkv", "noencoder"]  # attn strategies keep it
 
 
 def test_forgetting_auto_renders_each_strategy_and_the_pick_is_one_of_them(tmp_path,
@@ -100,6 +118,7 @@ def test_forgetting_auto_renders_each_strategy_and_the_pick_is_one_of_them(tmp_p
     """The API on a one-η sweep (the CLI's --eta auto sweeps 9 η per strategy), then the CLI."""
     from imagic import EditConfig, Imagic, load_backend
     from imagic.auto_eta import choose_etas
+    from imagic.forgetting import candidates
     from imagic.images import load_image
     from imagic.outputs import write_outputs
 
@@ -108,7 +127,8 @@ def test_forgetting_auto_renders_each_strategy_and_the_pick_is_one_of_them(tmp_p
     editor = Imagic(backend, config, quiet=True)
     session = editor.fit(load_image(photo_path), "a photo of a red dog")
     results = editor.generate(session, etas=[0.8], seeds=[0], forget="auto")
-    strategies = ["none", "encoderkv", "noencoder", "decoderattn"]  # a full fine-tune's
+    strategies = candidates(session.delta)
+    assert sorted(strategies) == ["decoderattn", "encoderkv", "noencoder", "none"]  # full
     assert [(r.forget, r.eta) for r in results] == [(s, 0.8) for s in strategies]
     choices = choose_etas(backend, session, results)
     pick = choices[0]
@@ -120,7 +140,11 @@ def test_forgetting_auto_renders_each_strategy_and_the_pick_is_one_of_them(tmp_p
     assert len([f for f in manifest["images"] if not f.get("auto")]) == 4
     same = Image.open(out / f"eta{pick.eta:.2f}_seed0_forget-{pick.forget}.png")
     assert Image.open(out / "auto_seed0.png").tobytes() == same.tobytes()
-    assert Image.open(out / "grid.png").height > 4 * same.height  # a row per strategy
+    one = tmp_path / "one"  # the same, one strategy: one row fewer per strategy left out
+    write_outputs(one, session, results[:1], [0.8], [0], {"command": "test"})
+    cell = same.width * max(1, 128 // same.width)  # small images are enlarged in the grid
+    rows_added = Image.open(out / "grid.png").height - Image.open(one / "grid.png").height
+    assert rows_added == 3 * (cell + 4)
     # the CLI renders every strategy from a saved session without training
     session.save(tmp_path / "session")
     assert main(["generate", str(tmp_path / "session"), "--forget", "auto", "--eta", "1",

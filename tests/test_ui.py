@@ -100,13 +100,22 @@ def test_a_reopened_session_keeps_rendering_after_a_restart(edited, count_traini
 
 
 def test_auto_eta_marks_its_pick_and_the_download_takes_it(backend, tmp_path):
+    """With a forgetting strategy too: the session keeps it, and auto-η picks among its
+    images."""
     studio = Studio(backend, tmp_path)
-    request = studio.check_edit(EXAMPLE, TEXT, None, {**FEW, "etas": "auto"})
+    request = studio.check_edit(EXAMPLE, TEXT, None, {**FEW, "etas": "auto",
+                                                      "forget": "noencoder"})
     render = studio.edit(request)
     picks = [s for s in render.images if s.auto]
     assert len(picks) == 1 and picks[0].caption.endswith("auto pick")
     assert render.chosen == picks[0]
     assert (studio.sessions_dir / render.name / "auto_seed0.png").is_file()
+    manifest = json.loads((studio.sessions_dir / render.name / "manifest.json").read_text())
+    assert manifest["config"]["forget"] == "noencoder"
+    assert len(studio.render(render.name, 0.35, [0]).images) == len(render.images) + 1
+    # forget "auto" (a sweep per strategy) is the command line's: refused in one line
+    with pytest.raises(InputError, match="forget auto renders"):
+        studio.check_edit(EXAMPLE, TEXT, None, {**FEW, "forget": "auto"})
 
 
 def test_the_cli_lines_for_a_bad_upload_text_and_recipe(backend, tmp_path):

@@ -17,15 +17,16 @@ code: 0.5; at least one step); after them every branch samples as usual. The unc
 half of classifier-free guidance attends as usual throughout, as in AID's code
 (QY-H00/attention-interpolation-diffusion).
 
-Cost per image: the endpoints are sampled once per seed and batch, so n η values of one seed
-take n + 2 rows in the UNet's batch instead of n; during warm-up each interpolating row runs
-two attentions over twice the keys. η outside [0, 1] extrapolates the two attentions.
+Cost: the two branches are sampled once per seed and sampling call, and η = 0 and 1 are the
+branches themselves; n other η values of one seed take n + 2 rows of the UNet's batch instead
+of n (calls of at most sample_batch rows, `batches`), and during the warm-up each of their rows
+runs two attentions over twice the keys. η outside [0, 1] extrapolates the two attentions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -110,16 +111,17 @@ class OuterInterpolation:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value)
-        shift = plan.offset(query.shape[0])
-        rows, begin, end = (i.to(query.device) + shift for i in (plan.rows, plan.begin,
-                                                                 plan.end))
+        scale = attn.scale
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+        shift = plan.offset(query.shape[0])  # the plan's tensors live on the model's device
+        rows, begin, end = plan.rows + shift, plan.begin + shift, plan.end + shift
         q, k, v = query[rows], key[rows], value[rows]
         to_opt = F.scaled_dot_product_attention(
-            q, torch.cat([k, key[begin]], dim=2), torch.cat([v, value[begin]], dim=2))
+            q, torch.cat([k, key[begin]], dim=2), torch.cat([v, value[begin]], dim=2),
+            scale=scale)
         to_tgt = F.scaled_dot_product_attention(
-            q, torch.cat([k, key[end]], dim=2), torch.cat([v, value[end]], dim=2))
-        coef = plan.coef.to(query.device, query.dtype).view(-1, 1, 1, 1)
+            q, torch.cat([k, key[end]], dim=2), torch.cat([v, value[end]], dim=2), scale=scale)
+        coef = plan.coef.to(query.dtype).view(-1, 1, 1, 1)
         out[rows] = (1 - coef) * to_opt + coef * to_tgt
         hidden_states = out.transpose(1, 2).flatten(2).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -131,13 +133,21 @@ class OuterInterpolation:
 
 
 def check_backend(backend) -> None:
-    """AID replaces a UNet's attention processors; a transformer's joint attention differs."""
+    """AID replaces the plain attention processors of a UNet (Stable Diffusion 1/2, SDXL, the
+    embedded models); a transformer's joint attention and IF's added-KV attention differ."""
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    if not isinstance(getattr(backend, "unet", None), UNet2DConditionModel):
+    unet = getattr(backend, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
         raise InputError(f"attention interpolation runs on a UNet's attention layers; "
                          f"{backend.family}'s denoiser is not a diffusers UNet: use "
                          "--interpolation linear or vp")
+    if not all(isinstance(p, (AttnProcessor, AttnProcessor2_0))
+               for p in unet.attn_processors.values()):
+        raise InputError(f"attention interpolation runs on plain attention layers; "
+                         f"{backend.family}'s UNet has others (added text keys and values): "
+                         "use --interpolation linear or vp")
 
 
 @contextmanager
@@ -149,37 +159,56 @@ def interpolated_attention(unet, plan: Plan) -> Iterator[None]:
     try:
         yield
     finally:
+        plan.warmup_steps = 0  # inactive at once, even if what follows is interrupted
         hook.remove()
         unet.set_attn_processor(processors)
+
+
+def batches(jobs: Sequence[tuple[int, float]], sample_batch: int) -> list[list]:
+    """`jobs` ((seed, η) pairs) in sampling calls of at most `sample_batch` rows, the e_opt and
+    e_tgt rows of each seed included: one seed per call, at least one η per call."""
+    chunks = []
+    for seed in dict.fromkeys(seed for seed, _ in jobs):
+        mine = [job for job in jobs if job[0] == seed]
+        size = max(1, sample_batch - 2)
+        chunks += [mine[i : i + size] for i in range(0, len(mine), size)]
+    return chunks
 
 
 def sample(backend, jobs: Sequence[tuple[int, float]], e_tgt: TextCond, e_opt: TextCond,
            uncond: TextCond, config, x_start=None) -> list:
     """Stage 3 with attention interpolation for `jobs` ((seed, η) pairs): one image per job.
 
-    Every seed of `jobs` gets two more rows, its e_opt and e_tgt branches, started from the
-    same noise (the seed's generator) and dropped from the result."""
+    Every seed of `jobs` gets two rows, its e_opt and e_tgt branches, started from the same
+    noise (the seed's generator); a job at η = 0 or 1 is its branch's image, the others get a
+    row each. A cascade's super-resolution stages upscale every row, branches included."""
     conds, seeds, branches = [], [], {}
     for seed in dict.fromkeys(seed for seed, _ in jobs):  # each seed's e_opt and e_tgt rows
         branches[seed] = len(conds)
         conds += [e_opt, e_tgt]
         seeds += [seed, seed]
-    rows, begin, end, coef = [], [], [], []
+    picked, rows, begin, end, coef = [], [], [], [], []
     for seed, eta in jobs:
+        if eta in (0, 1):
+            picked.append(branches[seed] + int(eta))
+            continue
+        picked.append(len(conds))
         rows.append(len(conds))
         begin.append(branches[seed])
         end.append(branches[seed] + 1)
         coef.append(eta)
         conds.append(e_opt.lerp(e_tgt, eta))  # the η image's own text: AID's linear start
         seeds.append(seed)
-    plan = Plan(torch.tensor(rows), torch.tensor(begin), torch.tensor(end),
-                torch.tensor(coef, dtype=torch.float32), size=len(conds),
+    device = backend.device
+    plan = Plan(torch.tensor(rows, device=device), torch.tensor(begin, device=device),
+                torch.tensor(end, device=device),
+                torch.tensor(coef, dtype=torch.float32, device=device), size=len(conds),
                 warmup_steps=max(1, int(config.sample_steps * config.attention_warmup)))
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    with interpolated_attention(backend.unet, plan):
+    with interpolated_attention(backend.unet, plan) if rows else nullcontext():
         images = backend.sample(
             TextCond.cat(conds), uncond, generators, config.sample_steps, config.guidance,
             sampler=config.sampler, x_start=x_start,
             stage_conds=TextCond.cat([e_tgt] * len(conds)),  # super-resolution: e_tgt
         )
-    return [images[i] for i in rows]
+    return [images[i] for i in picked]

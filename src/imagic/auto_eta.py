@@ -24,12 +24,13 @@ Why both: the margin alone can peak one η before a shape has actually changed, 
 jumps at the η where it does. Beyond the pick a larger η only costs fidelity. FRACTION is a
 fixed constant, not tuned per model or benchmark.
 
-With forget "auto" the sweep is rendered once per forgetting strategy, and the rule above
-picks an η per strategy. The margin is scored by the base model, so it compares images across
-strategies: the pick is the strategy whose image is closest to the input (smallest d) among
-those whose gain reaches FRACTION of the largest gain of any image of any strategy (the most
-aligned one when none does). Forgetting buys editability with fidelity; this takes it only
-where the edit needs it. With one strategy it is the rule above.
+With forget "auto" the sweep is rendered once per forgetting strategy, ordered from the one
+that reverts the least of the session to the one that reverts the most (forgetting.candidates),
+and the rule above picks an η per strategy. The margin is scored by the base model, so it
+compares images across strategies, and its sign says whether θ reads an image as the target
+text more than as the input: the pick is the first strategy whose picked image has m > 0
+(the largest m when none has). Forgetting buys editability with the input's detail; this
+forgets only when the edit is not made without it, and with one strategy it is the rule above.
 
 docs/RESULTS.md ("Automatic η") compares the rule with the best fixed η and the best η per case
 on ShapesBench.
@@ -89,14 +90,11 @@ def choose(etas: Sequence[float], margins: Sequence[float], distances: Sequence[
 
 
 def choose_strategy(sweeps: Sequence[AutoChoice]) -> AutoChoice:
-    """Among one seed's sweeps (one per forgetting strategy, each with its η picked), the one
-    the rule above picks, with the others attached."""
-    low = min(m for c in sweeps for m in c.margins)
-    best = max(m - low for c in sweeps for m in c.margins)
-    picked = [(c, c.margins[c.etas.index(c.eta)] - low, c.distances[c.etas.index(c.eta)])
-              for c in sweeps]
-    aligned = [p for p in picked if p[1] >= FRACTION * best]
-    chosen = (min(aligned, key=lambda p: p[2]) if aligned else max(picked, key=lambda p: p[1]))[0]
+    """Among one seed's sweeps (one per forgetting strategy, least forgetting first, each with
+    its η picked), the one the rule above picks, with the others attached."""
+    margins = [c.margins[c.etas.index(c.eta)] for c in sweeps]
+    made = [c for c, m in zip(sweeps, margins) if m > 0]
+    chosen = made[0] if made else sweeps[margins.index(max(margins))]
     chosen.others = [c for c in sweeps if c is not chosen]
     return chosen
 

@@ -219,6 +219,11 @@ def generate(
     e_opt = session.e_opt.map(lambda t: t.to(backend.device))
     results: list[EditImage] = []
     strategies = candidates(session.delta) if config.forget == "auto" else [config.forget]
+    if config.interpolation == "attention":  # the e_opt and e_tgt rows count toward the batch
+        chunks = attention.batches(jobs, config.sample_batch)
+    else:
+        chunks = [jobs[i : i + config.sample_batch] for i in range(0, len(jobs),
+                                                                    config.sample_batch)]
     bar = tqdm(total=len(jobs) * len(strategies), desc="stage 3/3 generate", unit="img",
                disable=quiet)
     for strategy in strategies:
@@ -228,8 +233,7 @@ def generate(
             if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
                 x0 = backend.encode_image(session.input_image)
                 x_start = backend.invert(x0, e_opt, config.sample_steps)
-            for first in range(0, len(jobs), config.sample_batch):
-                chunk = jobs[first : first + config.sample_batch]
+            for chunk in chunks:
                 results += [EditImage(eta, seed, image, strategy) for (seed, eta), image in
                             zip(chunk, sample(backend, chunk, e_tgt, e_opt, uncond, config,
                                               x_start))]

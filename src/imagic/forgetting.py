@@ -90,10 +90,21 @@ def changes_anything(delta, strategy: str) -> bool:
         reverts(_module(name, delta.kind)) for name in delta.tensors if "/" not in name)
 
 
+def reverted_elements(delta, strategy: str) -> int:
+    """How many of the session's trained numbers the strategy reverts."""
+    reverts = STRATEGIES[strategy]
+    if reverts is None:
+        return 0
+    return sum(value.numel() for name, value in delta.tensors.items()
+               if "/" not in name and reverts(_module(name, delta.kind)))
+
+
 def candidates(delta) -> list[str]:
-    """The strategies `forget="auto"` renders for this session: "none" and those of
-    AUTO_CANDIDATES that change something."""
-    return ["none", *(s for s in AUTO_CANDIDATES[1:] if changes_anything(delta, s))]
+    """The strategies `forget="auto"` renders for this session, from the one that reverts the
+    least of it to the one that reverts the most: "none", then those of AUTO_CANDIDATES that
+    change something."""
+    changing = [s for s in AUTO_CANDIDATES[1:] if changes_anything(delta, s)]
+    return ["none", *sorted(changing, key=lambda s: reverted_elements(delta, s))]
 
 
 def check_forgetting(backend, strategy: str) -> None:

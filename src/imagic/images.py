@@ -172,7 +172,10 @@ def make_grid(
     scale = max(1, 128 // cell)
     cell *= scale
     font = ImageFont.load_default(size=14)
-    top, left, gap = 40 if title else 22, 70, 4
+    labels = list(row_labels) if row_labels else [f"seed {seed}" for seed in seeds]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max((measure.multiline_textbbox((0, 0), t, font=font)[2] for t in labels), default=0)
+    top, left, gap = 40 if title else 22, max(70, widest + 8), 4
     width = left + (len(etas) + 1) * (cell + gap)
     height = top + len(seeds) * (cell + gap)
     grid = Image.new("RGB", (width, height), (255, 255, 255))
@@ -191,8 +194,8 @@ def make_grid(
         draw.text((left + (j + 1) * (cell + gap), header_y), f"eta {eta:g}", fill=(0, 0, 0),
                   font=font)
     for i, seed in enumerate(seeds):
-        label = row_labels[i] if row_labels else f"seed {seed}"
-        draw.text((4, top + i * (cell + gap) + cell // 2 - 8), label, fill=(0, 0, 0), font=font)
+        draw.multiline_text((4, top + i * (cell + gap) + cell // 2 - 8), labels[i],
+                            fill=(0, 0, 0), font=font)
         for j, eta in enumerate(etas):
             paste(images[(seed, eta)], j + 1, i)
     return grid

@@ -198,8 +198,8 @@ def write_outputs(out: Path, session: EditSession, results, etas, seeds, extra: 
         files.append({"file": name + ".png", "eta": r.eta, "seed": r.seed,
                       **({"forget": r.forget} if several else {})})
     for seed, choice in (choices or {}).items():
-        chosen = next(r for r in results
-                      if r.seed == seed and r.eta == choice.eta and r.forget == choice.forget)
+        chosen = next(r for r in results if r.seed == seed and r.eta == choice.eta
+                      and (r.forget == choice.forget or not several))
         images[f"auto_seed{seed}.png"] = chosen.image
         files.append({"file": f"auto_seed{seed}.png", "eta": choice.eta, "seed": seed,
                       "auto": True, **({"forget": choice.forget} if several else {})})

@@ -110,6 +110,13 @@ class EditConfig:
                 flag = "--" + rate.replace("_", "-")
                 raise InputError(f"{flag} is the full fine-tune's rate; a LoRA stage 2 uses "
                                  "--lora-lr")
+        if "attention_warmup" in given and given.get("interpolation",
+                                                      self.interpolation) != "attention":
+            raise InputError("--attention-warmup is attention interpolation's: add "
+                             "--interpolation attention, or drop it")
+        if "forget_strength" in given and given.get("forget", self.forget) == "none":
+            raise InputError("--forget-strength says how far --forget's groups go back: add "
+                             "--forget STRATEGY, or drop it")
         # --low-memory: see `low_memory` below
         base = (replace(self, finetune="lora", gradient_checkpointing=True, cuda_graphs=False)
                 if low_memory else self)

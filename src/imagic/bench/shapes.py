@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,7 +76,8 @@ FIELDS = ("case", "kind", "method", "param", "seed", "success", "target", "kept"
 # How outputs are scored; a folder scored another way is not resumed. 2: pebbles kept means the
 # input's pebbles found within 1.5 px and no new ones (1: mean error < 25/255 on their pixels).
 SCORER = 2
-# margin, distance: auto-η's two signals for this output (imagic rows, when imagic-auto runs):
+# margin, distance: auto-η's two signals for this output (imagic rows when imagic-auto runs, and
+# forget-STRATEGY rows when imagic-auto-forget does):
 # D(y, e_opt) − D(y, e_tgt) under the base model, and 1 − SSIM to the input; forget: the
 # strategy imagic-auto-forget picked (its row only)
 
@@ -210,7 +211,7 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
             return sweeps[strategy]
 
         if {"imagic", "imagic-auto"} & set(methods):
-            results = sweep("none")
+            results = sweep(config.forget)
             imagic_rows = [score(case, name("imagic"), r.eta, seed, r.image) for r in results]
             if "imagic-auto" in methods:
                 # the signals of every output, then the choice among the η `--eta auto` sweeps
@@ -239,6 +240,13 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
             swept = [r for r in every if r.eta in AUTO_ETAS] or every
             choice = choose_etas(backend, session, swept)[seed]
             chosen = next(r for r in swept if r.eta == choice.eta and r.forget == choice.forget)
+            for signals in (choice, *choice.others):  # each strategy's signals on its rows
+                method = name("imagic" if signals.forget == "none" else f"forget-{signals.forget}")
+                by_eta = dict(zip(signals.etas, zip(signals.margins, signals.distances)))
+                for row in rows:
+                    if row["method"] == method and row["param"] in by_eta:
+                        margin, distance = by_eta[row["param"]]
+                        row.update(margin=round(margin, 8), distance=round(distance, 6))
             rows.append({**score(case, name("imagic-auto-forget"), choice.eta, seed,
                                  chosen.image), "forget": choice.forget})
         if "no-finetune" in methods:
@@ -306,6 +314,8 @@ def run(backend, out: Path, cases: list, seeds, config: EditConfig, etas=ETAS,
         if rows := read_rows(path):
             write_text_atomic(summary(rows), out / "summary.md")
             plot(rows, out / "tradeoff.png")
+            if any(r["method"] in STAGE3_VARIANTS for r in rows):
+                stage3_plot(rows, out / "stage3.png")
     return path
 
 
@@ -404,7 +414,58 @@ def summary(rows) -> str:
             lines += ["", eta_table(rows, method)]
     if any(r["method"] == "imagic-auto" for r in rows):
         lines += ["", auto_eta_table(rows)]
+    if any(r["method"] == "imagic-auto-forget" for r in rows):
+        lines += ["", auto_forget_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def auto_forget_comparison(rows) -> dict:
+    """Per edit kind and overall, over the (case, seed) pairs with an imagic-auto-forget row:
+    the success of its pick, of the oracle over every (η, strategy) swept (the best output per
+    case), of auto-η without forgetting and of the oracle over η alone; and the background
+    PSNR of the two picks, and how often each strategy was picked."""
+    strategies = {"imagic": "none", **{f"forget-{s}": s for s in STRATEGIES}}
+    picks = {(r["case"], r["seed"]): r for r in rows if r["method"] == "imagic-auto-forget"}
+    plain = {(r["case"], r["seed"]): r for r in rows if r["method"] == "imagic-auto"}
+    swept = defaultdict(list)  # (case, seed) -> [(strategy, success)] over the auto sweep
+    for r in rows:
+        if r["method"] in strategies and r["param"] in AUTO_ETAS:
+            swept[(r["case"], r["seed"])].append((strategies[r["method"]], r["success"]))
+    groups = {"all": list(picks), **{kind: [k for k, r in picks.items() if r["kind"] == kind]
+                                     for kind in kinds_of(rows)}}
+    table = {}
+    for name, keys in groups.items():
+        keys = [k for k in keys if any(s == "none" for s, _ in swept[k]) and k in plain]
+        if not keys:
+            continue
+        table[name] = {
+            "n": len(keys),
+            "auto": float(np.mean([picks[k]["success"] for k in keys])),
+            "oracle": float(np.mean([max(ok for _, ok in swept[k]) for k in keys])),
+            "auto_eta": float(np.mean([plain[k]["success"] for k in keys])),
+            "oracle_eta": float(np.mean([max(ok for s, ok in swept[k] if s == "none")
+                                         for k in keys])),
+            "psnr": float(np.mean([picks[k]["psnr"] for k in keys])),
+            "psnr_eta": float(np.mean([plain[k]["psnr"] for k in keys])),
+            "picked": dict(sorted(Counter(picks[k]["forget"] for k in keys).items())),
+        }
+    return table
+
+
+def auto_forget_table(rows) -> str:
+    lines = ["Auto (η, forgetting) against the oracle over every (η, strategy) swept, and auto-η "
+             "without forgetting against the oracle over η.", "",
+             "| kind | auto (η, forgetting) | oracle | auto / oracle | PSNR (dB) | auto-η | "
+             "oracle η | PSNR (dB) | strategies picked | outputs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in auto_forget_comparison(rows).items():
+        ratio = t["auto"] / t["oracle"] if t["oracle"] else float("nan")
+        picked = ", ".join(f"{s} {n}" for s, n in t["picked"].items())
+        lines.append(f"| {name} | {100 * t['auto']:.1f}% | {100 * t['oracle']:.1f}% | "
+                     f"{ratio:.2f} | {t['psnr']:.2f} | {100 * t['auto_eta']:.1f}% | "
+                     f"{100 * t['oracle_eta']:.1f}% | {t['psnr_eta']:.2f} | {picked} | "
+                     f"{t['n']} |")
+    return "\n".join(lines)
 
 
 def auto_eta_comparison(rows) -> dict:
@@ -480,6 +541,43 @@ def plot(rows, path: Path) -> None:
     axes[0].set_ylabel("success (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=8)
+    save_figure(fig, path)
+
+
+# stage 3's variants on one session: interpolation and forgetting (stage3_plot)
+STAGE3_VARIANTS = ("imagic", "imagic-vp", "imagic-attention",
+                   *(f"forget-{name}" for name in STRATEGIES if name != "none"))
+
+
+def stage3_plot(rows, path: Path) -> None:
+    """Success and background PSNR along η, over every kind, for each stage 3 variant of
+    Imagic's session (interpolation and forgetting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = defaultdict(lambda: defaultdict(list))  # method -> η -> rows
+    for r in rows:
+        if r["method"] in STAGE3_VARIANTS:
+            by[r["method"]][r["param"]].append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method in (m for m in STAGE3_VARIANTS if m in by):
+        etas = sorted(by[method])
+        style = "o-" if method == "imagic" else ("s--" if method.startswith("forget") else "^-")
+        left.plot(etas, [100 * np.mean([r["success"] for r in by[method][e]]) for e in etas],
+                  style, label=method, markersize=4)
+        right.plot(etas, [np.mean([r["psnr"] for r in by[method][e]]) for e in etas], style,
+                   label=method, markersize=4)
+    left.set_ylabel("success (%)")
+    right.set_ylabel("background PSNR (dB)")
+    for ax in (left, right):
+        ax.set_xlabel("η")
+        ax.grid(alpha=0.3)
+    handles, labels = left.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=8)
     save_figure(fig, path)

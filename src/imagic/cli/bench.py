@@ -151,9 +151,13 @@ def _sampling(p, guidance: bool = False) -> None:
 
 def _recipe(args, preset: str | None, **fixed):
     """The preset (`preset` when --preset is not given) with the options given, and `fixed`."""
+    from ..errors import InputError
     from ..presets import get_preset
 
     options = {**options_given(args, RECIPE, SAMPLING), **fixed}
+    if options.get("forget") == "auto":  # rows are per (method, η): one strategy at a time
+        raise InputError("a benchmark renders one forgetting strategy: give one with --forget "
+                         "(ShapesBench's imagic-auto-forget method picks among them)")
     return get_preset(args.preset or preset).with_options(low_memory=args.low_memory, **options)
 
 

@@ -179,7 +179,9 @@ def say(args, out: Path, results, session_dir, choices=None) -> None:
         return
     print(f"wrote {len(results)} image(s), grid.png and manifest.json to {out}")
     for seed, choice in (choices or {}).items():
-        print(f"auto-η: seed {seed} → η {choice.eta:g} ({out / f'auto_seed{seed}.png'})")
+        forgetting = f", forgetting {choice.forget}" if choice.others else ""
+        print(f"auto-η: seed {seed} → η {choice.eta:g}{forgetting} "
+              f"({out / f'auto_seed{seed}.png'})")
     if session_dir is not None:
         print(f"session saved to {session_dir}; re-render with "
               f"`imagic generate {session_dir} --eta ...`")

@@ -131,6 +131,14 @@ class _Open:
     choices: dict[int, AutoChoice]
 
 
+def refuse_forget_auto(config: EditConfig) -> None:
+    """The page shows one image per (seed, η); forget "auto" renders one per strategy too."""
+    if config.forget == "auto":
+        raise InputError("forget auto renders the η values once per forgetting strategy, which "
+                         "the page does not show: use `imagic edit/generate --forget auto`, or "
+                         "pick one strategy")
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -213,6 +221,7 @@ class Studio:
             image = load_image(image_path, min_side=1)  # the model's own minimum: in fit
             text = check_text(self.backend, text)
             config = get_preset(preset or self.preset).with_options(**options)
+        refuse_forget_auto(config)
         return EditRequest(image, file_sha256(image_path), text, config,
                            auto=options.get("etas") == "auto",
                            warnings=[str(w.message) for w in caught])
@@ -290,6 +299,7 @@ class Studio:
         """Stage 3 only: add η (for every seed in `seeds`) to the entry's renders, from the
         session in memory; the entry's images, grid and manifest are rewritten as a set."""
         opened = self._opened(name)
+        refuse_forget_auto(opened.session.config)
         etas = sorted({*opened.etas, round(float(eta), 4)})
         seeds = list(dict.fromkeys(seeds)) or opened.seeds
         missing: dict[float, list[int]] = {}
