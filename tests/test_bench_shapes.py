@@ -253,8 +253,9 @@ def test_tables_print_the_results_tables_and_refuse_rows_given_twice(capsys):
 
 
 def test_forgedit_methods_re_render_imagics_one_fit(tmp_path, monkeypatch):
-    """imagic-vp and forget-STRATEGY re-render Imagic's session (one fit per case): at η = 0
-    vector projection is e_opt, so its output is Imagic's; forgetting the encoder is not."""
+    """imagic-vp, imagic-attention and forget-STRATEGY re-render Imagic's session (one fit per
+    case): at η = 0 vector projection is e_opt and attention interpolation is the e_opt branch,
+    so their outputs are Imagic's; forgetting the encoder is not."""
     from imagic.editor import Imagic
 
     fits = []
@@ -264,10 +265,34 @@ def test_forgedit_methods_re_render_imagics_one_fit(tmp_path, monkeypatch):
     assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
                  "--embed-steps", "2", "--finetune-steps", "4", "--finetune-lr", "1e-3",
                  "--sample-steps", "2", "--eta", "0,1",
-                 "--methods", "imagic,imagic-vp,forget-noencoder", "--quiet"]) == 0
+                 "--methods", "imagic,imagic-vp,imagic-attention,forget-noencoder",
+                 "--quiet"]) == 0
     with (out / "rows.csv").open() as f:
         rows = {(r["method"], float(r["param"])): r for r in csv.DictReader(f)}
-    assert len(fits) == 1 and len(rows) == 6
+    assert len(fits) == 1 and len(rows) == 8
     assert rows["imagic-vp", 0.0]["psnr"] == rows["imagic", 0.0]["psnr"]
+    assert rows["imagic-attention", 0.0]["success"] == rows["imagic", 0.0]["success"]
+    assert abs(float(rows["imagic-attention", 0.0]["psnr"])
+               - float(rows["imagic", 0.0]["psnr"])) < 0.5
     assert rows["forget-noencoder", 0.0]["psnr"] != rows["imagic", 0.0]["psnr"]
     assert "| forget-noencoder |" in (out / "summary.md").read_text()
+
+
+def test_auto_forget_is_compared_with_the_oracle_over_every_swept_strategy():
+    from imagic.bench.shapes import auto_forget_comparison
+
+    def row(case, method, eta, success, psnr=20.0, forget=""):
+        return {"case": case, "seed": 0, "kind": "colour", "method": method, "param": eta,
+                "success": success, "psnr": psnr, "forget": forget}
+
+    rows = [row(0, "imagic", 0.8, 0), row(0, "imagic", 0.9, 0), row(0, "forget-noencoder", 0.8, 1),
+            row(0, "imagic-auto", 0.9, 0, 25.0), row(0, "imagic-auto-forget", 0.8, 1, 22.0,
+                                                      "noencoder"),
+            row(1, "imagic", 0.8, 1), row(1, "forget-noencoder", 0.8, 1),
+            row(1, "imagic-auto", 0.8, 1, 24.0), row(1, "imagic-auto-forget", 0.8, 0, 21.0,
+                                                      "noencoder")]
+    table = auto_forget_comparison(rows)["all"]
+    assert table["n"] == 2 and table["auto"] == 0.5 and table["oracle"] == 1.0
+    assert table["auto_eta"] == 0.5 and table["oracle_eta"] == 0.5
+    assert table["psnr"] == 21.5 and table["psnr_eta"] == 24.5
+    assert table["picked"] == {"noencoder": 2}
