@@ -187,3 +187,8 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, capsys):
     assert main(["bench", "shapes", "--forget", "auto", "--out", str(tmp_path / "b")]) == 2
     assert "one forgetting strategy" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # imagic-auto-forget compares its picks with Imagic's rows, which must not forget
+    assert main(["bench", "shapes", "--forget", "noencoder", "--methods",
+                 "imagic,imagic-auto-forget", "--out", str(tmp_path / "c")]) == 2
+    assert "drop --forget" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

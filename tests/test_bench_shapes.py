@@ -5,6 +5,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from imagic.bench.shapes import KINDS, make_cases
 from imagic.cli import main
 from imagic.shapes import detect, render
@@ -216,14 +218,20 @@ def test_merging_parallel_workers_adds_each_new_row_once_and_refuses_doubles(tmp
     assert "repeats" in capsys.readouterr().err
 
 
-def test_several_guidance_scales_fit_once_and_name_each_scale(tmp_path, monkeypatch):
-    """`--guidance 1,2` samples every method at each scale from one fit per case, in rows
-    named METHOD-gG, and the summary shows Imagic along η at each."""
+@pytest.fixture
+def fits(monkeypatch) -> list:
+    """One entry per `Imagic.fit` (stages 1-2) the test runs."""
     from imagic.editor import Imagic
 
-    fits = []
+    calls = []
     fit = Imagic.fit
-    monkeypatch.setattr(Imagic, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
+    monkeypatch.setattr(Imagic, "fit", lambda self, *a, **k: calls.append(1) or fit(self, *a, **k))
+    return calls
+
+
+def test_several_guidance_scales_fit_once_and_name_each_scale(tmp_path, fits):
+    """`--guidance 1,2` samples every method at each scale from one fit per case, in rows
+    named METHOD-gG, and the summary shows Imagic along η at each."""
     out = tmp_path / "bench"
     assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
                  "--embed-steps", "2", "--finetune-steps", "2", "--sample-steps", "2",
@@ -252,15 +260,10 @@ def test_tables_print_the_results_tables_and_refuse_rows_given_twice(capsys):
     assert "more than one row" in capsys.readouterr().err
 
 
-def test_forgedit_methods_re_render_imagics_one_fit(tmp_path, monkeypatch):
+def test_forgedit_methods_re_render_imagics_one_fit(tmp_path, fits):
     """imagic-vp, imagic-attention and forget-STRATEGY re-render Imagic's session (one fit per
     case): at η = 0 vector projection is e_opt and attention interpolation is the e_opt branch,
     so their outputs are Imagic's; forgetting the encoder is not."""
-    from imagic.editor import Imagic
-
-    fits = []
-    fit = Imagic.fit
-    monkeypatch.setattr(Imagic, "fit", lambda self, *a, **k: fits.append(1) or fit(self, *a, **k))
     out = tmp_path / "bench"
     assert main(["bench", "shapes", "--cases", "1", "--seeds", "0", "--out", str(out),
                  "--embed-steps", "2", "--finetune-steps", "4", "--finetune-lr", "1e-3",

@@ -64,7 +64,7 @@ def forget(backend, delta, strategy: str, strength: float = 1.0):
         return delta
     check_forgetting(backend, strategy)
     base = dict(backend.stage_unets()["base"].named_parameters())
-    if not changes_anything(delta, strategy):
+    if not reverted_elements(delta, strategy):
         why = " (a LoRA adapter trains attention layers only)" if delta.kind == "lora" else ""
         warnings.warn(f"forgetting {strategy} changes nothing here: the session trained none "
                       f"of the weights it reverts{why}", stacklevel=2)
@@ -82,16 +82,9 @@ def forget(backend, delta, strategy: str, strength: float = 1.0):
     return Delta(delta.kind, tensors, delta.lora_rank)
 
 
-def changes_anything(delta, strategy: str) -> bool:
-    """Whether the strategy reverts any tensor the session trained (a LoRA adapter trains
-    attention layers only, which the "attn" strategies keep)."""
-    reverts = STRATEGIES[strategy]
-    return reverts is not None and any(
-        reverts(_module(name, delta.kind)) for name in delta.tensors if "/" not in name)
-
-
 def reverted_elements(delta, strategy: str) -> int:
-    """How many of the session's trained numbers the strategy reverts."""
+    """How many of the session's trained numbers the strategy reverts (none, for instance,
+    when a LoRA adapter, which trains attention layers only, meets an "attn" strategy)."""
     reverts = STRATEGIES[strategy]
     if reverts is None:
         return 0
@@ -103,8 +96,8 @@ def candidates(delta) -> list[str]:
     """The strategies `forget="auto"` renders for this session, from the one that reverts the
     least of it to the one that reverts the most: "none", then those of AUTO_CANDIDATES that
     change something."""
-    changing = [s for s in AUTO_CANDIDATES[1:] if changes_anything(delta, s)]
-    return ["none", *sorted(changing, key=lambda s: reverted_elements(delta, s))]
+    sizes = {s: reverted_elements(delta, s) for s in AUTO_CANDIDATES[1:]}
+    return ["none", *sorted((s for s, size in sizes.items() if size), key=sizes.get)]
 
 
 def check_forgetting(backend, strategy: str) -> None:

@@ -151,6 +151,9 @@ def check_settings(config: EditConfig, etas=ETAS, strengths=STRENGTHS, methods=M
         replace(config, guidance=g)
     if not strengths or not all(0 < s <= 1 for s in strengths):
         raise InputError(f"SDEdit strengths lie in (0, 1], got {list(strengths)}")
+    if "imagic-auto-forget" in methods and config.forget != "none":
+        raise InputError("imagic-auto-forget picks among forgetting strategies against Imagic "
+                         "without forgetting: drop --forget")
     if "imagic-inversion" in methods and config.sampler != "ddim":
         raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
                          "with ddim; drop it from --methods or use --sampler ddim")
