@@ -21,7 +21,7 @@ from imagic.errors import SessionError
 from imagic.shapes.train import TrainConfig
 from imagic.shapes2 import render, sample_scene
 from imagic.shapes2.model import SR_STAGE, CascadeConfig, build_models, longest_caption_tokens
-from imagic.shapes2.train import CascadeTrainer
+from imagic.shapes2.train import CascadeTrainer, crop
 
 TINY = CascadeConfig(base_channels=(8, 16, 16), sr_channels=(8, 8, 16, 16), norm_num_groups=4,
                      text_hidden_size=16, text_layers=1, text_heads=2, attention_head_dim=4,
@@ -74,9 +74,21 @@ def test_default_cascade_fits_the_package_and_reads_every_caption():
     unet, sr_unet, text_encoder, tokenizer, _ = build_models()
     sizes = [sum(p.numel() for p in m.parameters()) for m in (unet, sr_unet, text_encoder)]
     assert sum(sizes) * 4 <= 30e6  # fp32 safetensors, beside the 10 MB first model: <= 40 MB
-    assert sr_unet.config.in_channels == 3 + 3 + 2  # x_t, the upsampled 32 px image, coordinates
+    assert sr_unet.config.in_channels == 3 + 3  # x_t and the upsampled 32 px image
     assert sr_unet.config.class_embed_type == "timestep"  # the augmentation level
+    assert sr_unet.config.only_cross_attention  # no self-attention: it trains on crops
     assert longest_caption_tokens(tokenizer) <= tokenizer.model_max_length
+
+
+def test_training_crops_every_tensor_at_the_same_place_on_the_stride():
+    images = [torch.arange(2 * 128 * 128.0).view(2, 1, 128, 128) + k for k in (0, 0.5)]
+    at = torch.tensor([[0.0, 1.0], [0.5, 0.26]])
+    a, b = crop(at, 32, *images)
+    assert a.shape == b.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(b - a, torch.full_like(a, 0.5))  # the same pixels of each
+    assert torch.equal(a[0], images[0][0, :, 96:, :32])  # x 0, y at the far edge
+    assert torch.equal(a[1], images[0][1, :, 24:56, 48:80])  # offsets on the 8 px grid
+    assert crop(at, 128, *images)[0] is images[0]  # a crop of the whole is the whole
 
 
 def test_export_describes_the_stage_and_loads_as_a_cascade(run, backend):

@@ -40,8 +40,8 @@ EMBEDDED_SOURCE = "imagic:shapes-32"  # how sessions name the embedded model (no
 class SuperResolution:
     """One super-resolution stage and how it samples (from `imagic_model.json`)."""
 
-    unet: torch.nn.Module  # reads x_t, the previous image upsampled and the coordinates;
-    # its class label is the augmentation level (diffusers' class_embed_type "timestep")
+    unet: torch.nn.Module  # reads x_t and the previous image upsampled (no coordinates: a
+    # stage is local, it can train on crops); its class label is the augmentation level (diffusers' class_embed_type "timestep")
     resolution: int  # pixels of its square images
     noise_level: int  # the augmentation timestep its conditioning image gets when sampling
     max_noise_level: int  # training (and stage 2) draw the level uniformly from 0 to this
@@ -99,8 +99,8 @@ class PixelCascadeBackend(UNetBackend):
         if stage == "base":
             return super().predict(stage, x_t, t, cond)
         low, level = extra  # the previous image, noised and upsampled; its noise level
-        model_input = self.unet_input(torch.cat([x_t, low], dim=1))
-        return self.stages[stage].unet(model_input, t, encoder_hidden_states=cond.hidden_states,
+        return self.stages[stage].unet(torch.cat([x_t, low], dim=1), t,
+                                       encoder_hidden_states=cond.hidden_states,
                                        class_labels=level).sample
 
     def conditioning(self, stage: str, low: torch.Tensor, level: torch.Tensor,

@@ -8,9 +8,9 @@ proportions) and the background's pebbles live at 128×128, in the super-resolut
 is the stage the paper fine-tunes on the input to carry them into the edit (§3.1).
 
 The super-resolution UNet follows Imagen's design (Saharia et al. 2022): it reads x_t beside
-the 32×32 image upsampled to 128×128 (and the pixel coordinates), and the augmentation level
-of that image as its class label; it has no attention above 16×16, where attention would cost
-most and add least.
+the 32×32 image upsampled to 128×128, and the augmentation level of that image as its class
+label; it has text cross-attention at 16×16 only and no self-attention, so, like Imagen's
+super-resolution models, it can train on crops of the image and sample the whole of it.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ class CascadeConfig:
     sr_sample_steps: int = 25  # its DDIM steps (a stage with a sharp conditioning image needs
     # far fewer than the base)
     sr_guidance: float = 1.0  # its guidance: 1 runs no unconditional pass
+    sr_crop: int = 32  # training's side of its random crops (Imagen: a quarter of the side);
+    # a multiple of 8, its UNet's stride, so a crop sees the pixel grid the whole image does
     # --- shared ---
     layers_per_block: int = 1  # ResNet blocks per resolution (the up path has one more)
     attention_head_dim: int = 8  # diffusers passes this as the number of heads
     norm_num_groups: int = 8  # GroupNorm groups; must divide every width
-    coord_channels: int = 2  # pixel coordinates as extra input (backends.cascade.add_coordinates)
+    coord_channels: int = 2  # the base's pixel coordinates (backends.cascade.add_coordinates)
     # --- text encoder (transformers CLIPTextModel) ---
     text_hidden_size: int = 64  # also the UNets' cross_attention_dim
     text_layers: int = 2
@@ -88,6 +90,8 @@ def build_models(config: CascadeConfig | None = None):
     tokenizer = build_tokenizer(config.max_tokens)
     if longest_caption_tokens(tokenizer) > config.max_tokens:
         raise ValueError(f"max_tokens={config.max_tokens} is shorter than the longest caption")
+    if config.sr_crop % 8 or not 0 < config.sr_crop <= IMAGE_SIZE:
+        raise ValueError(f"sr_crop={config.sr_crop} must be a multiple of 8 up to {IMAGE_SIZE}")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_hidden_size,
         intermediate_size=4 * config.text_hidden_size, num_hidden_layers=config.text_layers,
@@ -106,9 +110,10 @@ def build_models(config: CascadeConfig | None = None):
         block_out_channels=tuple(config.base_channels), down_block_types=tuple(config.base_down),
         up_block_types=tuple(config.base_up), **shared)
     sr_unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=6 + config.coord_channels,
+        sample_size=IMAGE_SIZE, in_channels=6,
         block_out_channels=tuple(config.sr_channels), down_block_types=tuple(config.sr_down),
         up_block_types=tuple(config.sr_up),
+        only_cross_attention=True,  # text cross-attention, no self-attention: local, croppable
         class_embed_type="timestep",  # the augmentation level, embedded like t
         **shared)
     scheduler = DDPMScheduler(

@@ -4,7 +4,9 @@ The base UNet (32×32), the super-resolution UNet (32→128) and the text encode
 from 128×128 scenes rendered on the fly: each step's loss is the base's ε-MSE on the scenes
 area-averaged to 32×32 plus the super-resolution stage's ε-MSE at 128×128, given the 32×32
 scene noised to a random augmentation level and upsampled (Imagen's noise conditioning
-augmentation), both Min-SNR weighted. The loop, checkpoints (resumable, `--resume`), warm
+augmentation), both Min-SNR weighted. The super-resolution stage learns on a random crop of
+each scene (`CascadeConfig.sr_crop`), as Imagen's did: it is local, and a crop costs a
+sixteenth of the whole. The loop, checkpoints (resumable, `--resume`), warm
 starts (`--init-from`), EMA and export are :class:`imagic.shapes.train.Trainer`'s; every random
 draw of step s comes from (seed, s), so a run resumed from a checkpoint continues exactly.
 """
@@ -40,7 +42,8 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
                    timesteps: int) -> dict:
     """Everything random about optimizer step `step`, a pure function of (seed, step): the
     scenes (uint8 N×128×128×3) and captions, then per stage t and ε, and the super-resolution
-    stage's augmentation draw (a fraction of its highest level) and noise."""
+    stage's augmentation draw (a fraction of its highest level) and noise, and where its crop
+    lies (fractions of the room along x and y)."""
     rng = np.random.default_rng([seed, step])
     scenes, captions = [], []
     for _ in range(batch_size):
@@ -58,7 +61,19 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
         "sr_noise": torch.randn((n, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g),
         "aug_fraction": torch.rand((n,), generator=g),
         "aug_noise": torch.randn((n, 3, BASE_SIZE, BASE_SIZE), generator=g),
+        "crop_at": torch.rand((n, 2), generator=g),
     }
+
+
+def crop(at: torch.Tensor, side: int, *images: torch.Tensor) -> list[torch.Tensor]:
+    """The same side×side crop of every tensor in `images` (N×C×H×W), per sample where `at`
+    (N×2 fractions of the room) says, at a multiple of 8 pixels."""
+    room = images[0].shape[-1] - side
+    if room == 0:
+        return list(images)
+    x0, y0 = ((at * (room // 8 + 1)).long().clamp(max=room // 8) * 8).T.tolist()
+    return [torch.stack([im[i, :, y:y + side, x:x + side] for i, (x, y) in enumerate(zip(x0, y0))])
+            for im in images]
 
 
 def fixed_prompts() -> list[str]:
@@ -110,6 +125,11 @@ class CascadeTrainer(Trainer):
         level = (get["aug_fraction"] * (model.sr_max_noise_level + 1)).long().clamp(
             max=model.sr_max_noise_level)
         conditioning = resize(self._noised(low, get["aug_noise"], level), IMAGE_SIZE)
+        x, conditioning, sr_noise = crop(batch["crop_at"], model.sr_crop,
+                                         x, conditioning, get["sr_noise"])
+        sr_input = torch.cat([self._noised(x, sr_noise, t_sr), conditioning], dim=1)
+        if self.channels_last:
+            sr_input = sr_input.contiguous(memory_format=torch.channels_last)
         ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
                              max_length=model.max_tokens, return_tensors="pt")
         ids = ids.input_ids.to(dev, non_blocking=True)
@@ -117,11 +137,10 @@ class CascadeTrainer(Trainer):
             hidden = self.text_encoder(ids)[0]
             base = self.unet(self._input(self._noised(low, get["noise"], t)), t,
                              encoder_hidden_states=hidden).sample
-            x_t = self._noised(x, get["sr_noise"], t_sr)
-            sr = self.models[SR_STAGE](self._input(torch.cat([x_t, conditioning], dim=1)), t_sr,
-                                       encoder_hidden_states=hidden, class_labels=level).sample
+            sr = self.models[SR_STAGE](sr_input, t_sr, encoder_hidden_states=hidden,
+                                       class_labels=level).sample
         base_losses = F.mse_loss(base.float(), get["noise"], reduction="none").mean(dim=(1, 2, 3))
-        sr_losses = F.mse_loss(sr.float(), get["sr_noise"], reduction="none").mean(dim=(1, 2, 3))
+        sr_losses = F.mse_loss(sr.float(), sr_noise, reduction="none").mean(dim=(1, 2, 3))
         return (base_losses, t), (sr_losses, t_sr)
 
     def batch_loss(self, batch: dict) -> torch.Tensor:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# After a GPU slot: put its model and records into training/shapes2/ (to commit):
-#   scripts/gpu_unpack_shapes2.sh FOLDER SLOT     (FOLDER: where the slot's $OUT files came back)
+# After a training slot: put its model and records into training/shapes2/ (to commit):
+#   scripts/unpack_shapes2_slot.sh FOLDER SLOT    (FOLDER: where the slot's $OUT files are)
 # The model replaces training/shapes2/model (the next slot starts from it); the log, samples and
 # evaluation are kept per slot.
 set -euo pipefail

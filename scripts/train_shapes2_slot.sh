@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One GPU slot of ShapesWorld 2 cascade training, on the offline GPU machine, from the repo root:
-#   bash scripts/gpu_train_shapes2.sh SLOT [MINUTES]
-# SLOT (1, 2, ...) seeds the slot's data; MINUTES (default 7) is its training budget. The slot
-# continues from the committed model in training/shapes2/model when there is one (a warm start:
-# the weights carry over, the optimizer and its warm-up start again), trains, scores
-# text-to-image on 200 captions, and leaves in $OUT (or ./gpu-out): model.tar.part-aa, -ab, ...
+# One slot of ShapesWorld 2 cascade training, from the repo root: on the offline GPU machine
+#   bash scripts/train_shapes2_slot.sh SLOT [MINUTES]
+# or here on the CPU (its batch 32, 50 evaluation captions, the files in /tmp/slot):
+#   DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=50 OUT=/tmp/slot \
+#     bash scripts/train_shapes2_slot.sh SLOT MINUTES
+# SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
+# its training budget. The slot continues from the committed model in training/shapes2/model
+# when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
+# again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in $OUT (or ./gpu-out): model.tar.part-aa, -ab, ...
 # (the export, in parts under the machine's 16 MiB per returned file), train_log.jsonl,
-# samples.png, eval.json and run.txt. Back here: scripts/gpu_unpack_shapes2.sh FOLDER SLOT.
-# Needs the diffusers wheel in .whl/ (scripts/gpu_wheels.sh makes it; carry .whl). A dry run on
-# a CPU: DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=4 bash scripts/gpu_train_shapes2.sh 1 0.2
+# samples.png, eval.json and run.txt. Then: scripts/unpack_shapes2_slot.sh FOLDER SLOT.
+# On the GPU machine it needs the diffusers wheel in .whl/ (scripts/gpu_wheels.sh makes it;
+# carry .whl). A dry run: DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=4 bash ... 1 0.2
 set -euo pipefail
 SLOT=${1:?give the slot number}
 MINUTES=${2:-7}
