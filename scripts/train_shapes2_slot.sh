@@ -31,7 +31,7 @@ RUN=$(mktemp -d)/run
 INIT=()
 [ -f training/shapes2/model/imagic_model.json ] && INIT=(--init-from training/shapes2/model)
 {
-  nvidia-smi -L || true
+  if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
   "$PYTHON" -m imagic.cli train-shapes --world 2 --out "$RUN" --device "$DEVICE" --seed "$SLOT" \
       --max-minutes "$MINUTES" --checkpoint-every 1000000 --sample-every 0 "${INIT[@]}"
   "$PYTHON" -m imagic.cli eval-shapes --model "$RUN/model" --device "$DEVICE" \
