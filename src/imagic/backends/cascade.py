@@ -41,7 +41,8 @@ class SuperResolution:
     """One super-resolution stage and how it samples (from `imagic_model.json`)."""
 
     unet: torch.nn.Module  # reads x_t and the previous image upsampled (no coordinates: a
-    # stage is local, it can train on crops); its class label is the augmentation level (diffusers' class_embed_type "timestep")
+    # stage is local, it can train on crops); its class label is the augmentation level
+    # (diffusers' class_embed_type "timestep")
     resolution: int  # pixels of its square images
     noise_level: int  # the augmentation timestep its conditioning image gets when sampling
     max_noise_level: int  # training (and stage 2) draw the level uniformly from 0 to this
