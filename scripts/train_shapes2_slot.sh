@@ -7,8 +7,9 @@
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
 # its training budget. The slot continues from the committed model in training/shapes2/model
 # when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
-# again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in $OUT (or ./gpu-out): model.tar.part-aa, -ab, ...
-# (the export, in parts under the machine's 16 MiB per returned file), train_log.jsonl,
+# again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
+# $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
+# machine's 16 MiB per returned file), train_log.jsonl,
 # samples.png, eval.json and run.txt. Then: scripts/unpack_shapes2_slot.sh FOLDER SLOT.
 # On the GPU machine it needs the diffusers wheel in .whl/ (scripts/gpu_wheels.sh makes it;
 # carry .whl). A dry run: DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=4 bash ... 1 0.2

@@ -91,6 +91,12 @@ def test_training_crops_every_tensor_at_the_same_place_on_the_stride():
     assert crop(at, 128, *images)[0] is images[0]  # a crop of the whole is the whole
 
 
+def test_the_trainer_draws_the_super_resolution_noise_at_the_crops_side(tmp_path):
+    batch = CascadeTrainer(tiny_config(tmp_path / "t")).make_batch(0, 0, 2, 0.0, 1000)
+    assert batch["images"].shape == (2, 128, 128, 3)
+    assert batch["sr_noise"].shape == (2, 3, TINY.sr_crop, TINY.sr_crop)
+
+
 def test_export_describes_the_stage_and_loads_as_a_cascade(run, backend):
     meta = json.loads((run / "model" / "imagic_model.json").read_text())
     assert meta["stages"] == TINY.stage_meta()

@@ -22,6 +22,8 @@ from .world import IMAGE_SIZE, POSITIONS, VOCABULARY, Thing, caption
 
 BASE_SIZE = 32
 SR_STAGE = "sr128"  # the super-resolution stage's name (its folder in an exported model)
+CROP_GRID = 8  # training crops of the super-resolution stage start on this grid: its UNet's
+# stride, so a crop sees the pixel grid the whole image does
 
 
 @dataclass
@@ -41,7 +43,7 @@ class CascadeConfig:
     # far fewer than the base)
     sr_guidance: float = 1.0  # its guidance: 1 runs no unconditional pass
     sr_crop: int = 32  # training's side of its random crops (Imagen: a quarter of the side);
-    # a multiple of 8, its UNet's stride, so a crop sees the pixel grid the whole image does
+    # a multiple of CROP_GRID
     # --- shared ---
     layers_per_block: int = 1  # ResNet blocks per resolution (the up path has one more)
     attention_head_dim: int = 8  # diffusers passes this as the number of heads
@@ -90,8 +92,9 @@ def build_models(config: CascadeConfig | None = None):
     tokenizer = build_tokenizer(config.max_tokens)
     if longest_caption_tokens(tokenizer) > config.max_tokens:
         raise ValueError(f"max_tokens={config.max_tokens} is shorter than the longest caption")
-    if config.sr_crop % 8 or not 0 < config.sr_crop <= IMAGE_SIZE:
-        raise ValueError(f"sr_crop={config.sr_crop} must be a multiple of 8 up to {IMAGE_SIZE}")
+    if config.sr_crop % CROP_GRID or not 0 < config.sr_crop <= IMAGE_SIZE:
+        raise ValueError(f"sr_crop={config.sr_crop} must be a multiple of {CROP_GRID} "
+                         f"up to {IMAGE_SIZE}")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_hidden_size,
         intermediate_size=4 * config.text_hidden_size, num_hidden_layers=config.text_layers,

@@ -2,18 +2,19 @@
 
 The base UNet (32×32), the super-resolution UNet (32→128) and the text encoder learn together
 from 128×128 scenes rendered on the fly: each step's loss is the base's ε-MSE on the scenes
-area-averaged to 32×32 plus the super-resolution stage's ε-MSE at 128×128, given the 32×32
-scene noised to a random augmentation level and upsampled (Imagen's noise conditioning
-augmentation), both Min-SNR weighted. The super-resolution stage learns on a random crop of
-each scene (`CascadeConfig.sr_crop`), as Imagen's did: it is local, and a crop costs a
-sixteenth of the whole. The loop, checkpoints (resumable, `--resume`), warm
-starts (`--init-from`), EMA and export are :class:`imagic.shapes.train.Trainer`'s; every random
-draw of step s comes from (seed, s), so a run resumed from a checkpoint continues exactly.
+area-averaged to 32×32 plus the super-resolution stage's ε-MSE on a random crop of the 128×128
+scene (`CascadeConfig.sr_crop`; as Imagen's, the stage is local, and a crop costs a fraction of
+the whole), given the 32×32 scene noised to a random augmentation level and upsampled (Imagen's
+noise conditioning augmentation), both Min-SNR weighted. The loop, checkpoints (resumable,
+`--resume`), warm starts (`--init-from`), EMA and export are
+:class:`imagic.shapes.train.Trainer`'s; every random draw of step s comes from (seed, s), so a
+run resumed from a checkpoint continues exactly.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..backends.cascade import SuperResolution, add_coordinates, resize
 from ..shapes.train import Trainer
-from .model import BASE_SIZE, SR_STAGE, CascadeConfig, build_models
+from .model import BASE_SIZE, CROP_GRID, SR_STAGE, CascadeConfig, build_models
 from .world import (
     COLOURS,
     IMAGE_SIZE,
@@ -39,11 +40,11 @@ MODEL_NAME = "shapes2-128"
 
 
 def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
-                   timesteps: int) -> dict:
+                   timesteps: int, sr_crop: int = IMAGE_SIZE) -> dict:
     """Everything random about optimizer step `step`, a pure function of (seed, step): the
-    scenes (uint8 N×128×128×3) and captions, then per stage t and ε, and the super-resolution
-    stage's augmentation draw (a fraction of its highest level) and noise, and where its crop
-    lies (fractions of the room along x and y)."""
+    scenes (uint8 N×128×128×3) and captions, then per stage t and ε (the super-resolution
+    stage's at the side of its crop), its augmentation draw (a fraction of its highest level)
+    and noise, and where its crop lies (fractions of the room along x and y)."""
     rng = np.random.default_rng([seed, step])
     scenes, captions = [], []
     for _ in range(batch_size):
@@ -58,7 +59,7 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
         "timesteps": torch.randint(0, timesteps, (n,), generator=g),
         "noise": torch.randn((n, 3, BASE_SIZE, BASE_SIZE), generator=g),
         "sr_timesteps": torch.randint(0, timesteps, (n,), generator=g),
-        "sr_noise": torch.randn((n, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g),
+        "sr_noise": torch.randn((n, 3, sr_crop, sr_crop), generator=g),
         "aug_fraction": torch.rand((n,), generator=g),
         "aug_noise": torch.randn((n, 3, BASE_SIZE, BASE_SIZE), generator=g),
         "crop_at": torch.rand((n, 2), generator=g),
@@ -67,11 +68,12 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
 
 def crop(at: torch.Tensor, side: int, *images: torch.Tensor) -> list[torch.Tensor]:
     """The same side×side crop of every tensor in `images` (N×C×H×W), per sample where `at`
-    (N×2 fractions of the room) says, at a multiple of 8 pixels."""
+    (N×2 fractions of the room) says, on the CROP_GRID."""
     room = images[0].shape[-1] - side
     if room == 0:
         return list(images)
-    x0, y0 = ((at * (room // 8 + 1)).long().clamp(max=room // 8) * 8).T.tolist()
+    places = room // CROP_GRID + 1
+    x0, y0 = ((at * places).long().clamp(max=places - 1) * CROP_GRID).T.tolist()
     return [torch.stack([im[i, :, y:y + side, x:x + side] for i, (x, y) in enumerate(zip(x0, y0))])
             for im in images]
 
@@ -96,7 +98,10 @@ class CascadeTrainer(Trainer):
     model_name = MODEL_NAME
     description = ("ShapesWorld 2 pixel-space cascade: 32×32 text-to-image base and 32→128 "
                    "super-resolution (imagic)")
-    make_batch = staticmethod(batch_for_step)
+    def __init__(self, config):
+        super().__init__(config)
+        # the super-resolution noise is drawn at the crop's side, not the scene's
+        self.make_batch = partial(batch_for_step, sr_crop=config.model.sr_crop)
 
     def build_models(self):
         if not isinstance(self.config.model, CascadeConfig):
@@ -109,8 +114,8 @@ class CascadeTrainer(Trainer):
         a = self.alphas[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.model.coord_channels:
+    def _input(self, x: torch.Tensor, coordinates: bool = True) -> torch.Tensor:
+        if coordinates and self.config.model.coord_channels:
             x = add_coordinates(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -125,11 +130,8 @@ class CascadeTrainer(Trainer):
         level = (get["aug_fraction"] * (model.sr_max_noise_level + 1)).long().clamp(
             max=model.sr_max_noise_level)
         conditioning = resize(self._noised(low, get["aug_noise"], level), IMAGE_SIZE)
-        x, conditioning, sr_noise = crop(batch["crop_at"], model.sr_crop,
-                                         x, conditioning, get["sr_noise"])
-        sr_input = torch.cat([self._noised(x, sr_noise, t_sr), conditioning], dim=1)
-        if self.channels_last:
-            sr_input = sr_input.contiguous(memory_format=torch.channels_last)
+        x, conditioning = crop(batch["crop_at"], model.sr_crop, x, conditioning)
+        sr_input = torch.cat([self._noised(x, get["sr_noise"], t_sr), conditioning], dim=1)
         ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
                              max_length=model.max_tokens, return_tensors="pt")
         ids = ids.input_ids.to(dev, non_blocking=True)
@@ -137,10 +139,10 @@ class CascadeTrainer(Trainer):
             hidden = self.text_encoder(ids)[0]
             base = self.unet(self._input(self._noised(low, get["noise"], t)), t,
                              encoder_hidden_states=hidden).sample
-            sr = self.models[SR_STAGE](sr_input, t_sr, encoder_hidden_states=hidden,
-                                       class_labels=level).sample
+            sr = self.models[SR_STAGE](self._input(sr_input, coordinates=False), t_sr,
+                                       encoder_hidden_states=hidden, class_labels=level).sample
         base_losses = F.mse_loss(base.float(), get["noise"], reduction="none").mean(dim=(1, 2, 3))
-        sr_losses = F.mse_loss(sr.float(), sr_noise, reduction="none").mean(dim=(1, 2, 3))
+        sr_losses = F.mse_loss(sr.float(), get["sr_noise"], reduction="none").mean(dim=(1, 2, 3))
         return (base_losses, t), (sr_losses, t_sr)
 
     def batch_loss(self, batch: dict) -> torch.Tensor:
