@@ -2,11 +2,13 @@
 cascade trained here for a few steps: it loads and samples at 128 px, stage 2 fine-tunes the
 super-resolution stage on the input conditioned on e_tgt and gives its weights back exactly, the
 session holds every stage's delta and re-renders bit for bit, and the world-2 trainer resumes
-exactly."""
+exactly; the benchmark of the stage's sampling level compares levels on the same draws."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +133,25 @@ def test_the_super_resolution_stage_reads_its_conditioning_image(backend):
         again = backend.loss_at(x0, e, t, noise, level, low_noise, stage=SR_STAGE)
         other = backend.loss_at(x0.flip(-1), e, t, noise, level, low_noise, stage=SR_STAGE)
     assert float(same) == float(again) and float(same) != float(other)
+
+
+def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage_back(
+        backend, monkeypatch):
+    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
+    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    outputs = []
+    decode = backend.decode
+    monkeypatch.setattr(backend, "decode", lambda x: outputs.append(x.clone()) or decode(x))
+    own = backend.stages[SR_STAGE].noise_level
+    rows = bench.measure(backend, samples=2, seed=1, levels=[0, 0, 200], steps=2)
+    assert [(r["level"], r["source"]) for r in rows] == [(0, "base"), (0, "base"), (200, "base"),
+                                                         (own, "truth")]
+    assert set(rows[0]["accuracy"]) <= set(bench.COLUMNS) and 0 <= rows[0]["all_correct"] <= 1
+    assert torch.equal(outputs[0], outputs[1])  # same base images, same noise
+    assert not torch.equal(outputs[0], outputs[2])  # another level, another image
+    assert backend.stages[SR_STAGE].noise_level == own
 
 
 def test_the_base_trains_on_the_input_area_averaged_to_32_px(backend, photo):

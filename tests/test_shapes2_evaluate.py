@@ -1,5 +1,6 @@
-"""ShapesWorld 2's edit score on exact renders: an edit done right scores success, and each way
-of getting it wrong (target missed, another attribute changed, another object in its place,
+"""ShapesWorld 2's scores on exact renders: text-to-image accuracy reads true renders as right
+and counts each attribute where a caption names it; an edit done right scores success, and each
+way of getting it wrong (target missed, another attribute changed, another object in its place,
 a pebble lost) is caught by its own verdict."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from imagic.shapes2 import (
     sample_scene,
     sample_thing_for,
 )
-from imagic.shapes2.evaluate import check_edit
+from imagic.shapes2.evaluate import check_edit, evaluation_captions, read_samples, tally
 
 
 def image(scene) -> Image.Image:
@@ -84,3 +85,25 @@ def test_a_lost_pebble_is_caught():
     result = check_edit(image(without), source, target)
     assert result["success"] and not result["pebbles"]
     assert np.isfinite(result["background_psnr"])
+
+
+def test_true_renders_of_the_evaluation_captions_read_right_and_wrong_pairings_do_not():
+    pairs = evaluation_captions(12, seed=0)
+    images = [image(scene) for scene, _ in pairs]
+    accuracy, everything = tally(pairs, read_samples(pairs, images))
+    assert everything == 1.0 and set(accuracy.values()) == {1.0}
+    assert set(accuracy) == {"kind", "pose", "colour", "size", "position", "count"}
+    _, shifted = tally(pairs, read_samples(pairs, images[1:] + images[:1]))
+    assert shifted < 0.5
+
+
+def test_pose_accuracy_counts_only_the_objects_with_a_pose():
+    pairs = [p for p in evaluation_captions(60, seed=0)
+             if sorted(t.kind == "cat" for t in p[0].things) == [False, True]][:1]
+    assert pairs, "no caption with one cat and one rigid shape"
+    scene, _ = pairs[0]
+    # the cat's pose read wrong, the rigid shape's (no pose) read right: pose is 0 of 1, not 1 of 2
+    readings = [{a: a != "pose" or thing.kind != "cat"
+                 for a in ("kind", "pose", "colour", "size", "position")} for thing in scene.things]
+    accuracy, everything = tally(pairs, [{"count": True, "things": readings, "all": False}])
+    assert accuracy["pose"] == 0.0 and accuracy["kind"] == 1.0 and everything == 0.0

@@ -1,0 +1,131 @@
+"""The augmentation level at which the ShapesWorld 2 cascade's super-resolution stage should
+sample, and how much of the model's text-to-image error is that stage's own.
+
+    .venv/bin/python benchmarks/shapes2_sr_level.py --model training/shapes2/model \
+        --samples 100 --seed 1 --levels 0 25 50 100 --out /tmp/sr-level.json
+
+Imagen's super-resolution stages read the previous stage's image noised to an augmentation level
+(training: a random level, so the stage learns to ignore the previous stage's artefacts;
+sampling: one fixed level, `imagic_model.json`'s `noise_level`). Too low a level and the stage
+copies the base's artefacts; too high and it stops following the base's shapes. This measures it:
+
+- the base samples each caption once (guidance 4 and 50 DDIM steps, each sample's generator
+  seeded as `imagic eval-shapes` seeds it);
+- the stage upsamples those same base images at every level, each time from the same noise, so
+  the levels differ by nothing else;
+- `truth`: the stage at the model's own level, from the true scenes brought down to 32 px as
+  training brings them: what the stage gets right when the base is perfect.
+
+Every image is read by the detectors as in `imagic eval-shapes`. Choose the level on captions of
+seed 1 or more: the model card's evaluation uses seed 0, and a level chosen on its captions would
+be tuned on the figures it reports. Writes the table to stdout and, with --out, the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from imagic.backends import load_backend, require_family  # noqa: E402
+from imagic.backends.cascade import resize  # noqa: E402
+from imagic.errors import InputError  # noqa: E402
+from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
+from imagic.shapes2.evaluate import evaluation_captions, read_samples, tally  # noqa: E402
+from imagic.shapes2.model import BASE_SIZE, SR_STAGE  # noqa: E402
+from imagic.shapes2.world import ATTRIBUTES, render_batch  # noqa: E402
+
+COLUMNS = (*ATTRIBUTES, "count")
+
+
+def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50,
+            guidance: float = DEFAULT_GUIDANCE) -> list[dict]:
+    """One row per level, then the `truth` row: the level, the source of the 32 px images,
+    per-attribute accuracy, the fraction with everything right, and the stage's seconds."""
+    stage = backend.stages[SR_STAGE]
+    own_level = stage.noise_level
+    pairs = evaluation_captions(samples, seed)
+    conds = backend.encode_text([text for _, text in pairs])
+    uncond = backend.encode_text([""])
+    generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(samples)]
+    base = backend.sample_base(conds, uncond, generators, steps, guidance).clamp(-1, 1)
+    after_base = [g.get_state() for g in generators]  # where the stage's draws begin
+    scenes = torch.from_numpy(render_batch([scene for scene, _ in pairs]))
+    truth = resize(scenes.permute(0, 3, 1, 2).float() / 127.5 - 1, BASE_SIZE).to(base.device)
+    rows = []
+    try:
+        for level, source, low in [*((lv, "base", base) for lv in levels),
+                                   (own_level, "truth", truth)]:
+            stage.noise_level = level
+            for g, state in zip(generators, after_base):
+                g.set_state(state)
+            start = time.perf_counter()
+            images = backend.decode(backend.upsample(SR_STAGE, low, conds, uncond, generators,
+                                                     steps))
+            seconds = time.perf_counter() - start
+            accuracy, all_correct = tally(pairs, read_samples(pairs, images))
+            rows.append({"level": level, "source": source, "accuracy": accuracy,
+                         "all_correct": all_correct, "seconds": round(seconds, 1)})
+            print(row_line(rows[-1]), flush=True)
+    finally:
+        stage.noise_level = own_level
+    return rows
+
+
+def row_line(row: dict) -> str:
+    """The row in the table `main` prints (– for an attribute no caption named)."""
+    acc = row["accuracy"]
+    cells = [str(row["level"]), row["source"],
+             *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a ShapesWorld 2 cascade model folder")
+    parser.add_argument("--samples", type=int, default=100, help="captions (default 100)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seeds the captions and the noise (default 1: held out)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 25, 50, 100],
+                        help="augmentation timesteps to sample the stage at")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="write the JSON here")
+    args = parser.parse_args(argv)
+    backend = load_backend(args.model, device=args.device)
+    require_family(backend, "pixel-cascade", "this benchmark")
+    if SR_STAGE not in getattr(backend, "stages", {}):
+        raise InputError(f"{args.model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
+    top = backend.stages[SR_STAGE].max_noise_level
+    if args.samples < 1 or any(not 0 <= lv <= top for lv in args.levels):
+        raise InputError(f"--samples must be 1 or more and each level from 0 to {top}")
+    header = ["level", "32 px images", *COLUMNS, "everything"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
+    rows = measure(backend, args.samples, args.seed, args.levels)
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        report = {"command": " ".join(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]]),
+                  "model": backend.identity, "samples": args.samples, "seed": args.seed,
+                  "rows": rows, "commit": commit, "torch": torch.__version__,
+                  "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
