@@ -33,17 +33,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.backends import load_backend, require_family  # noqa: E402
-from imagic.backends.cascade import resize  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
 from imagic.shapes2.evaluate import evaluation_captions, read_samples, tally  # noqa: E402
-from imagic.shapes2.model import BASE_SIZE, SR_STAGE  # noqa: E402
-from imagic.shapes2.world import ATTRIBUTES, render_batch  # noqa: E402
+from imagic.shapes2.model import SR_STAGE  # noqa: E402
+from imagic.shapes2.world import ATTRIBUTES, render  # noqa: E402
 
 COLUMNS = (*ATTRIBUTES, "count")
 
@@ -60,8 +60,8 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
     generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(samples)]
     base = backend.sample_base(conds, uncond, generators, steps, guidance).clamp(-1, 1)
     after_base = [g.get_state() for g in generators]  # where the stage's draws begin
-    scenes = torch.from_numpy(render_batch([scene for scene, _ in pairs]))
-    truth = resize(scenes.permute(0, 3, 1, 2).float() / 127.5 - 1, BASE_SIZE).to(base.device)
+    # the true scenes at the base's resolution, as the engine brings an input down to it
+    truth = torch.cat([backend.encode_image(Image.fromarray(render(scene))) for scene, _ in pairs])
     rows = []
     try:
         for level, source, low in [*((lv, "base", base) for lv in levels),
