@@ -61,7 +61,8 @@ def register(sub) -> None:
     eval_p = sub.add_parser(
         "eval-shapes", help="score a ShapesWorld model's text-to-image accuracy",
         description="Generate one image per random caption and read it back with the "
-                    "detectors: per-attribute accuracy and the fraction with all four right.",
+                    "detectors: per-attribute accuracy and the fraction with every named "
+                    "attribute (and, in ShapesWorld 2, the object count) right.",
         epilog=EVAL_EXAMPLE, formatter_class=raw,
     )
     eval_p.add_argument("--model", help="model folder (default: the embedded model)")
