@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.backends import load_backend, require_family  # noqa: E402
+from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
 from imagic.shapes2.evaluate import evaluation_captions, read_samples, tally  # noqa: E402
@@ -112,13 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        report = {"command": " ".join(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]]),
+        report = {**provenance(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]]),
                   "model": backend.identity, "samples": args.samples, "seed": args.seed,
-                  "rows": rows, "commit": commit, "torch": torch.__version__,
-                  "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+                  "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

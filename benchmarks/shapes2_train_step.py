@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.train import TrainConfig  # noqa: E402
 from imagic.shapes2.model import SR_STAGE, CascadeConfig  # noqa: E402
@@ -84,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {row['batch']} | {row['first_steps_s']} | {row['s_per_step']} | "
               f"{row['samples_per_s']} |", flush=True)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        report = {"command": " ".join(["benchmarks/shapes2_train_step.py", *sys.argv[1:]]),
-                  "rows": rows, "commit": commit, "torch": torch.__version__,
-                  "machine": f"{platform.processor() or platform.machine()}, "
-                             f"{torch.get_num_threads()} threads",
-                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        report = {**provenance(["benchmarks/shapes2_train_step.py", *sys.argv[1:]]),
+                  "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

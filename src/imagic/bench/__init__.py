@@ -6,13 +6,29 @@ import csv
 import fcntl
 import json
 import os
+import platform
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import InputError
 from ..images import write_text_atomic
 from ..presets import EditConfig
+
+
+def provenance(command: list[str]) -> dict:
+    """Where a benchmark script's figures came from: its command line, the checkout's commit,
+    torch's version, the machine and the UTC date, for the JSON its docs table cites."""
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                            capture_output=True, text=True).stdout.strip()
+    return {"command": " ".join(command), "commit": commit, "torch": torch.__version__,
+            "machine": f"{platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
 def check_same_run(out: Path, settings: dict, backend) -> None:
