@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from imagic.backends import device_name
 from imagic.presets import EditConfig
 
 ETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the 8-image η sweep
@@ -242,9 +242,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else
                                                          sys.argv[1:])]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "shape": shape,
         "resolution": backend.resolution,
         "parameters": backend.parameter_counts(),

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels)
     if args.out:
-        report = {**provenance(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]]),
+        report = {**provenance(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]], args.device),
                   "model": backend.identity, "samples": args.samples, "seed": args.seed,
                   "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -50,7 +50,8 @@ def measure(mode: str, config: TrainConfig, steps: int, warmup: int) -> dict:
     start = time.perf_counter()
     for batch in batches[warmup:]:
         trainer.train_step(batch)
-    trainer.params[next(iter(trainer.params))].sum().item()  # waits for a GPU to finish
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)  # the clock stops when the GPU's work is done
     seconds = time.perf_counter() - start
     return {"mode": mode, "batch": trainer.batch_size, "first_steps_s": round(first, 1),
             "s_per_step": round(seconds / steps, 3),
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {row['batch']} | {row['first_steps_s']} | {row['s_per_step']} | "
               f"{row['samples_per_s']} |", flush=True)
     if args.out:
-        report = {**provenance(["benchmarks/shapes2_train_step.py", *sys.argv[1:]]),
+        report = {**provenance(["benchmarks/shapes2_train_step.py", *sys.argv[1:]], args.device),
                   "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -29,6 +30,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise InputError(f"--device {device}: this machine has "
                          f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return resolved
+
+
+def device_name(device: torch.device) -> str:
+    """The device as a record names it: the GPU's model, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -6,7 +6,6 @@ import csv
 import fcntl
 import json
 import os
-import platform
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,16 +17,17 @@ from ..images import write_text_atomic
 from ..presets import EditConfig
 
 
-def provenance(command: list[str]) -> dict:
+def provenance(command: list[str], device: str = "cpu") -> dict:
     """Where a benchmark script's figures came from: its command line, the checkout's commit,
-    torch's version, the machine and the UTC date, for the JSON its docs table cites."""
+    torch's version, the device it ran on and the UTC date, for the JSON its docs table cites."""
     import torch
+
+    from ..backends import device_name
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                             capture_output=True, text=True).stdout.strip()
     return {"command": " ".join(command), "commit": commit, "torch": torch.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, "
-                       f"{torch.get_num_threads()} threads",
+            "machine": device_name(torch.device(device)),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 

@@ -15,7 +15,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backends import device_name
 from ..backends.cascade import add_coordinates
 from ..errors import InputError
 from ..images import file_sha256, write_text_atomic
@@ -205,12 +205,6 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the trainer
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _fixed_prompts(count: int = 16) -> list[str]:
@@ -444,7 +438,7 @@ class Trainer:
                 "steps": self.step,
                 "samples_seen": self.samples_seen,
                 "wall_clock_s": round(self.elapsed, 1),
-                "device": _device_name(self.device),
+                "device": device_name(self.device),
                 "batch_size": self.batch_size,
                 "lr": self.lr,
                 "ema_decay": self.config.ema_decay,
@@ -541,7 +535,7 @@ class Trainer:
         if not cfg.quiet:
             sizes = " + ".join(f"{name} {parameter_count(m):,}"
                                for name, m in self.models.items())
-            print(f"device {_device_name(self.device)}, batch {self.batch_size}, "
+            print(f"device {device_name(self.device)}, batch {self.batch_size}, "
                   f"workers {self.workers}, parameters {sizes}, step {self.step}/{cfg.steps}")
         stream = ShapesStream(cfg.seed, self.step, cfg.steps, self.batch_size,
                               cfg.caption_dropout, self.scheduler.config.num_train_timesteps,
