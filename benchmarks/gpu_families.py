@@ -4,7 +4,7 @@ under a 23.5 GiB allocator cap, as on a 24 GB card. docs/PERFORMANCE.md has the 
 
     python benchmarks/gpu_families.py --out gpu_families        # a GPU: every family, both modes
     python benchmarks/gpu_families.py --families sdxl --steps 2 --out /tmp/f    # one family
-    python benchmarks/gpu_families.py --tiny --device cpu --out /tmp/f   # any CPU: the code path
+    python benchmarks/gpu_families.py --tiny --device cpu --steps 16 --out /tmp/f   # a CPU
 
 The models have the real architectures with random weights (benchmarks/families/): speed does
 not depend on weight values, so nothing is downloaded. Each (family, mode) runs in a process of
@@ -12,9 +12,10 @@ its own, so that a cap or an out-of-memory error in one leaves the others alone,
 runs out of memory is recorded as not fitting. In each: a warm-up edit of one step per stage,
 then stages 1 and 2 over n and 2n steps (n = --steps), projected to the preset's step counts as
 gpu_edit.py projects its reference (the difference gives the cost per step; the rest is counted
-once); stage 3 is one image at the preset's sampling steps. A cascade's super-resolution
-fine-tuning runs as many steps as its base stage here, as in the deepfloyd-if preset, and is
-counted in stage 2.
+once; a pair whose longer run was no slower is timed again once, then recorded as an error that
+fails the benchmark); stage 3 is one image at the preset's sampling steps. A cascade's
+super-resolution fine-tuning runs as many steps as its base stage here, as in the deepfloyd-if
+preset, and is counted in stage 2.
 
 Peak memory is torch.cuda.max_memory_allocated over the whole edit (on the CPU, the process's
 peak RSS). OUT/families.json holds every run (device, versions, commit); OUT/FAMILY-MODE.json
@@ -87,11 +88,14 @@ def run_one(family: str, mode: str, steps: int, device_name: str, tiny: bool) ->
                    "finetune": config_for(preset, mode, 1).finetune}
         image = gpu_edit.photo(backend.output_resolution)
         gpu_edit.measure(backend, config_for(preset, mode, 1, sample_steps=1), image)  # warm-up
-        short = gpu_edit.measure(backend, config_for(preset, mode, steps, sample_steps=1), image)
-        long = gpu_edit.measure(backend, config_for(preset, mode, 2 * steps), image)
+        short, long, problem = gpu_edit.timed_pair(lambda m: gpu_edit.measure(
+            backend, config_for(preset, mode, m, sample_steps=None if m > steps else 1), image),
+            steps)
     except torch.OutOfMemoryError as error:
         result |= {"fits": False, "error": str(error).splitlines()[0][:300]}
         return result
+    if problem:
+        return result | {"measured": [short, long], "error": f"{problem}; raise --steps"}
     target = {"stage1": preset.embed_steps, "stage2": preset.finetune_steps}
     result |= {"fits": True, "measured": [short, long],
                "projected": gpu_edit.project(short, long, target),
@@ -105,6 +109,7 @@ def run_all(args) -> int:
     import torch
 
     from imagic import __version__
+    from imagic.backends import device_name
     from imagic.session import library_versions
 
     out = Path(args.out)
@@ -114,7 +119,7 @@ def run_all(args) -> int:
     report = {
         "benchmark": "gpu_families", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join([Path(sys.argv[0]).name, *(args.argv or [])]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": device_name(torch.device(device)),
         "versions": {"imagic": __version__, **library_versions()},
         "commit": gpu_edit.commit(), "runs": []}
     failed = 0
@@ -132,7 +137,7 @@ def run_all(args) -> int:
                 ok = False
             run = json.loads(path.read_text()) if ok else {
                 "family": family, "mode": mode, "error": "the run failed or timed out"}
-            failed += not ok
+            failed += not ok or "error" in run and "fits" not in run  # out of memory: a result
             report["runs"].append(run)
             (out / "families.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
