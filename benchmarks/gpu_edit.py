@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -49,6 +48,7 @@ import torch
 from PIL import Image
 
 from imagic.backends import device_name
+from imagic.bench import checkout_commit
 from imagic.presets import EditConfig
 
 ETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)  # the 8-image η sweep
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         "resolution": backend.resolution,
         "parameters": backend.parameter_counts(),
         "versions": {"imagic": __version__, **library_versions()},
-        "commit": commit(),
+        "commit": checkout_commit(),
         "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_cap_gib": args.memory_cap,
     }
@@ -365,15 +365,6 @@ def check_report(r: dict, low_memory: bool = True, variants=None) -> list[str]:
         if projected != r["reference"]["projected"]:
             problems.append("the projection does not follow from the reference runs")
     return problems
-
-
-def commit() -> str:
-    """The repository's commit, when the benchmark runs from a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def variants(fast: EditConfig) -> dict[str, EditConfig]:

@@ -105,11 +105,11 @@ def run_one(family: str, mode: str, steps: int, device_name: str, tiny: bool) ->
 
 
 def run_all(args) -> int:
-    import gpu_edit
     import torch
 
     from imagic import __version__
     from imagic.backends import device_name
+    from imagic.bench import checkout_commit
     from imagic.session import library_versions
 
     out = Path(args.out)
@@ -121,7 +121,7 @@ def run_all(args) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(args.argv or [])]),
         "device": device_name(torch.device(device)),
         "versions": {"imagic": __version__, **library_versions()},
-        "commit": gpu_edit.commit(), "runs": []}
+        "commit": checkout_commit(), "runs": []}
     failed = 0
     for family in args.families:
         for mode in args.modes:

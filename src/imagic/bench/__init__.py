@@ -17,6 +17,15 @@ from ..images import write_text_atomic
 from ..presets import EditConfig
 
 
+def checkout_commit() -> str:
+    """The commit of the checkout imagic runs from, or "" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def provenance(command: list[str], device: str = "cpu") -> dict:
     """Where a benchmark script's figures came from: its command line, the checkout's commit,
     torch's version, the device it ran on and the UTC date, for the JSON its docs table cites."""
@@ -24,9 +33,7 @@ def provenance(command: list[str], device: str = "cpu") -> dict:
 
     from ..backends import device_name
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                            capture_output=True, text=True).stdout.strip()
-    return {"command": " ".join(command), "commit": commit, "torch": torch.__version__,
+    return {"command": " ".join(command), "commit": checkout_commit(), "torch": torch.__version__,
             "machine": device_name(torch.device(device)),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
