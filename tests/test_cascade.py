@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 
 from imagic import EditConfig, EditSession, Imagic, load_backend
 from imagic.backends.base import TextCond
-from imagic.backends.cascade import PixelCascadeBackend, resize
-from imagic.errors import SessionError
+from imagic.backends.cascade import PixelCascadeBackend, crop, resize
+from imagic.errors import InputError, SessionError
 from imagic.shapes.train import TrainConfig
 from imagic.shapes2 import render, sample_scene
 from imagic.shapes2.model import SR_STAGE, CascadeConfig, build_models, longest_caption_tokens
-from imagic.shapes2.train import CascadeTrainer, crop
+from imagic.shapes2.train import CascadeTrainer
 
 TINY = CascadeConfig(base_channels=(8, 16, 16), sr_channels=(8, 8, 16, 16), norm_num_groups=4,
                      text_hidden_size=16, text_layers=1, text_heads=2, attention_head_dim=4,
@@ -85,12 +85,12 @@ def test_default_cascade_fits_the_package_and_reads_every_caption():
 def test_training_crops_every_tensor_at_the_same_place_on_the_stride():
     images = [torch.arange(2 * 128 * 128.0).view(2, 1, 128, 128) + k for k in (0, 0.5)]
     at = torch.tensor([[0.0, 1.0], [0.5, 0.26]])
-    a, b = crop(at, 32, *images)
+    a, b = crop(at, 32, 8, *images)
     assert a.shape == b.shape == (2, 1, 32, 32)
     torch.testing.assert_close(b - a, torch.full_like(a, 0.5))  # the same pixels of each
     assert torch.equal(a[0], images[0][0, :, 96:, :32])  # x 0, y at the far edge
     assert torch.equal(a[1], images[0][1, :, 24:56, 48:80])  # offsets on the 8 px grid
-    assert crop(at, 128, *images)[0] is images[0]  # a crop of the whole is the whole
+    assert crop(at, 128, 8, *images)[0] is images[0]  # a crop of the whole is the whole
 
 
 def test_the_trainer_draws_the_super_resolution_noise_at_the_crops_side(tmp_path):
@@ -210,6 +210,48 @@ def test_the_super_resolution_stage_trains_and_samples_on_e_tgt(backend, photo, 
     monkeypatch.setattr(PixelCascadeBackend, "upsample", spy_upsample)
     editor.generate(session, etas=[0.0], seeds=[0])
     torch.testing.assert_close(conds[0], session.e_tgt.hidden_states, rtol=0, atol=0)
+
+
+def test_the_super_resolution_stage_fine_tunes_on_crops_that_read_only_their_own_pixels(
+        backend):
+    """With a crop side, ε is drawn at that side and the loss reads x0 only around its crop
+    (a pixel far outside changes nothing; one inside does), so a crop costs a fraction of the
+    whole image, as in training."""
+    x0 = torch.rand(1, 3, 128, 128) * 2 - 1
+    t, noise, level, low_noise, at = backend.draw(x0, torch.Generator().manual_seed(0), batch=2,
+                                                  stage=SR_STAGE, crop=32)
+    assert noise.shape == (2, 3, 32, 32) and low_noise.shape == (2, 3, 32, 32)
+    at = torch.zeros(2, 2)  # both crops at the top left
+
+    def loss(image):
+        with torch.no_grad():
+            return float(backend.loss_at(image, backend.encode_text([TEXT]), t, noise, level,
+                                         low_noise, at, stage=SR_STAGE))
+
+    far, near = x0.clone(), x0.clone()
+    far[..., 64:, 64:] = -x0[..., 64:, 64:]
+    near[..., 8:16, 8:16] = -x0[..., 8:16, 8:16]
+    assert loss(far) == loss(x0) != loss(near)
+
+
+@pytest.mark.parametrize("side", [12, 136])
+def test_a_crop_the_stage_cannot_train_on_is_refused_before_stage_1(backend, photo, side,
+                                                                      monkeypatch):
+    stage1 = []
+    monkeypatch.setattr("imagic.editor.optimize_embedding", lambda *a, **k: stage1.append(a))
+    config = RECIPE.with_options(aux_finetune_crop=side)
+    with pytest.raises(InputError, match="aux_finetune_crop must be 0 .* multiple of 8 up to 128"):
+        Imagic(backend, config, quiet=True).fit(photo, TEXT)
+    assert stage1 == []  # refused before any training
+
+
+def test_an_edit_with_crops_fine_tunes_the_stage_and_gives_it_back(backend, photo):
+    before = stage_weights(backend)
+    session = Imagic(backend, RECIPE.with_options(aux_finetune_crop=32), quiet=True).fit(
+        photo, TEXT)
+    assert any(k.startswith(f"{SR_STAGE}/") for k in session.delta.tensors)
+    after = stage_weights(backend)
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_a_cascade_session_is_refused_by_a_model_without_its_stage(backend, photo, tmp_path):

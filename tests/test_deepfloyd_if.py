@@ -248,6 +248,17 @@ def test_cli_edit_runs_both_stages_and_generate_re_renders_it(models, photo_path
         assert first.shape == (SIDE, SIDE, 3) and np.array_equal(first, second)
 
 
+def test_if_ii_refuses_fine_tuning_on_crops_before_training(models, photo_path, tmp_path,
+                                                          capsys):
+    """IF-II has self-attention: what it learns from a crop is not what the whole image needs."""
+    out = tmp_path / "out"
+    assert main(["edit", str(photo_path), TEXT, "--model", str(models / "IF-I-tiny"),
+                 "--out", str(out), "--aux-finetune-crop", "64", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "self-attention" in err[0] and "aux_finetune_crop" in err[0]
+    assert not out.exists()
+
+
 def test_info_names_the_family_resolutions_and_parameters(models, capsys):
     assert main(["info", str(models / "IF-I-tiny"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -39,6 +39,9 @@ class EditConfig:
     cuda_graphs: bool | None = False
     aux_finetune_steps: int = 1500  # cascades only: steps per super-resolution stage, on e_tgt
     aux_finetune_lr: float = 5e-7  # cascades only
+    # cascades only: the side of the random crops a super-resolution stage fine-tunes on (a
+    # stage without self-attention is local, as Imagen trains them); 0: the whole image
+    aux_finetune_crop: int = 0
     timesteps_per_step: int = 1  # K: (t, ε) draws averaged per optimizer step (paper: 1)
     finetune_timesteps_per_step: int | None = None  # K for stage 2; None: the same as stage 1
     seed: int = 0  # seeds every draw of t and ε in stages 1 and 2
@@ -175,7 +178,7 @@ def check_config(config: EditConfig) -> None:
         if len(getattr(config, name)) > MAX_VALUES:
             raise InputError(f"{len(getattr(config, name))} {name}: at most {MAX_VALUES} in "
                              "one edit")
-    for name in ("embed_steps", "finetune_steps", "aux_finetune_steps"):
+    for name in ("embed_steps", "finetune_steps", "aux_finetune_steps", "aux_finetune_crop"):
         if getattr(config, name) < 0:
             raise InputError(f"{name} must be 0 or more, got {getattr(config, name)}")
     for name in ("embed_lr", "finetune_lr", "lora_lr", "aux_finetune_lr"):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..images import to_pil, to_tensor
 from .base import TextCond
 from .diffusers_unet import UNetBackend, make_sampler, weights_fingerprint
@@ -111,26 +111,47 @@ class PixelCascadeBackend(UNetBackend):
         noised = self.noise_scheduler.add_noise(low, noise, level)
         return resize(noised, self.stage_resolution(stage)), level
 
-    def draw(self, x0, generator, batch=1, stage="base"):
+    def crop_grid(self, stage: str) -> int:
+        """The stride of a super-resolution stage's UNet: its crops start on this grid, so a
+        crop sees the pixel grid the whole image does."""
+        return 2 ** (len(self.stages[stage].unet.config.block_out_channels) - 1)
+
+    def check_crop(self, stage: str, side: int) -> None:
+        """Refuse a fine-tuning crop `stage` cannot train on (0: the whole image)."""
+        grid, full = self.crop_grid(stage), self.stage_resolution(stage)
+        if side and (side % grid or not 0 < side <= full):
+            raise InputError(f"aux_finetune_crop must be 0 (the whole image) or a multiple of "
+                             f"{grid} up to {full} for {stage}, got {side}")
+
+    def draw(self, x0, generator, batch=1, stage="base", crop=0):
         """(t, ε), and for a super-resolution stage also the augmentation level and noise of
-        its conditioning image, all from `generator`."""
-        t, noise = super().draw(x0, generator, batch)
+        its conditioning image, all from `generator`; with a `crop` side, ε is drawn at that
+        side, and then where each sample's crop lies (fractions of the room along x and y)."""
         if stage == "base":
-            return t, noise
-        side = self._previous_resolution(stage)
+            return super().draw(x0, generator, batch)
+        side = crop or x0.shape[-1]
+        t, noise = super().draw(x0[..., :side, :side], generator, batch)
         level = torch.randint(0, self.stages[stage].max_noise_level + 1, (batch,),
                               generator=generator)
-        low_noise = torch.randn((batch, x0.shape[1], side, side), generator=generator)
-        return t, noise, self._upload(level), self._upload(low_noise)
+        low_side = self._previous_resolution(stage)
+        low_noise = torch.randn((batch, x0.shape[1], low_side, low_side), generator=generator)
+        drawn = (t, noise, self._upload(level), self._upload(low_noise))
+        return (*drawn, torch.rand((batch, 2), generator=generator)) if crop else drawn
 
-    def loss_at(self, x0, cond, t, noise, level=None, low_noise=None, stage="base", extra=()):
+    def loss_at(self, x0, cond, t, noise, level=None, low_noise=None, at=None, stage="base",
+                extra=()):
         """The loss of `stage`; a super-resolution stage reads x0 itself brought down to the
-        previous stage's resolution (area average) as its conditioning image."""
+        previous stage's resolution (area average) as its conditioning image, and with `at`
+        (a crop's place, from `draw`) trains on that crop of x0 and of its conditioning image,
+        as Imagen's super-resolution stages train (they have no self-attention)."""
         if stage == "base":
             return super().loss_at(x0, cond, t, noise)
-        low = resize(x0, self._previous_resolution(stage)).expand(t.shape[0], -1, -1, -1)
-        extra = self.conditioning(stage, low, level, low_noise)
-        return super().loss_at(x0, cond, t, noise, stage=stage, extra=extra)
+        x0 = x0.expand(t.shape[0], -1, -1, -1)
+        upsampled, level = self.conditioning(stage, resize(x0, self._previous_resolution(stage)),
+                                             level, low_noise)
+        if at is not None:
+            x0, upsampled = crop(at, noise.shape[-1], self.crop_grid(stage), x0, upsampled)
+        return super().loss_at(x0, cond, t, noise, stage=stage, extra=(upsampled, level))
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
@@ -187,6 +208,18 @@ def resize(x: torch.Tensor, side: int) -> torch.Tensor:
     if side < x.shape[-1]:
         return F.interpolate(x, size=(side, side), mode="area")
     return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def crop(at: torch.Tensor, side: int, grid: int, *images: torch.Tensor) -> list[torch.Tensor]:
+    """The same side×side crop of every tensor in `images` (N×C×H×W), per sample where `at`
+    (N×2 fractions of the room along x and y) says, starting on the `grid`."""
+    room = images[0].shape[-1] - side
+    if room == 0:
+        return list(images)
+    places = room // grid + 1
+    x0, y0 = ((at * places).long().clamp(max=places - 1) * grid).T.tolist()
+    return [torch.stack([im[i, :, y:y + side, x:x + side] for i, (x, y) in enumerate(zip(x0, y0))])
+            for im in images]
 
 
 def add_coordinates(x: torch.Tensor) -> torch.Tensor:

@@ -117,9 +117,14 @@ class DeepFloydIFBackend(PixelCascadeBackend):
         upscaled = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=True)
         return self.image_noising_scheduler.add_noise(upscaled, noise, level), level
 
-    def draw(self, x0, generator, batch=1, stage="base"):
+    def check_crop(self, stage, side):
+        if side:
+            raise InputError(f"{stage} has self-attention, so it fine-tunes on the whole image: "
+                             f"drop aux_finetune_crop (got {side})")
+
+    def draw(self, x0, generator, batch=1, stage="base", crop=0):
         """(t, ε), and for IF-II also the augmentation level and its noise, at 256 px: IF-II
-        noises its conditioning image after upscaling it."""
+        noises its conditioning image after upscaling it (never a crop: `check_crop`)."""
         if stage == "base":
             return super().draw(x0, generator, batch)
         t, noise = super().draw(x0, generator, batch)

@@ -121,6 +121,9 @@ RECIPE = (
      dict(type=int, help="stage 2 steps of each super-resolution stage (cascades)")),
     ("--aux-finetune-lr", "aux_finetune_lr",
      dict(type=float, help="stage 2 learning rate of each super-resolution stage (full)")),
+    ("--aux-finetune-crop", "aux_finetune_crop",
+     dict(type=int, help="side of the random crops each super-resolution stage fine-tunes on "
+                         "(0: the whole image)")),
     ("--timesteps-per-step", "timesteps_per_step",
      dict(type=int, help="K: (t, ε) draws per optimizer step, both stages")),
     ("--finetune-timesteps-per-step", "finetune_timesteps_per_step",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends.cascade import SuperResolution, add_coordinates, resize
+from ..backends.cascade import SuperResolution, add_coordinates, crop, resize
 from ..shapes.train import Trainer
 from .model import BASE_SIZE, CROP_GRID, SR_STAGE, CascadeConfig, build_models
 from .world import (
@@ -64,18 +64,6 @@ def batch_for_step(seed: int, step: int, batch_size: int, dropout: float,
         "aug_noise": torch.randn((n, 3, BASE_SIZE, BASE_SIZE), generator=g),
         "crop_at": torch.rand((n, 2), generator=g),
     }
-
-
-def crop(at: torch.Tensor, side: int, *images: torch.Tensor) -> list[torch.Tensor]:
-    """The same side×side crop of every tensor in `images` (N×C×H×W), per sample where `at`
-    (N×2 fractions of the room) says, on the CROP_GRID."""
-    room = images[0].shape[-1] - side
-    if room == 0:
-        return list(images)
-    places = room // CROP_GRID + 1
-    x0, y0 = ((at * places).long().clamp(max=places - 1) * CROP_GRID).T.tolist()
-    return [torch.stack([im[i, :, y:y + side, x:x + side] for i, (x, y) in enumerate(zip(x0, y0))])
-            for im in images]
 
 
 def fixed_prompts() -> list[str]:
@@ -130,7 +118,7 @@ class CascadeTrainer(Trainer):
         level = (get["aug_fraction"] * (model.sr_max_noise_level + 1)).long().clamp(
             max=model.sr_max_noise_level)
         conditioning = resize(self._noised(low, get["aug_noise"], level), IMAGE_SIZE)
-        x, conditioning = crop(batch["crop_at"], model.sr_crop, x, conditioning)
+        x, conditioning = crop(batch["crop_at"], model.sr_crop, CROP_GRID, x, conditioning)
         sr_input = torch.cat([self._noised(x, get["sr_noise"], t_sr), conditioning], dim=1)
         ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
                              max_length=model.max_tokens, return_tensors="pt")
