@@ -245,13 +245,32 @@ def test_a_crop_the_stage_cannot_train_on_is_refused_before_stage_1(backend, pho
     assert stage1 == []  # refused before any training
 
 
-def test_an_edit_with_crops_fine_tunes_the_stage_and_gives_it_back(backend, photo):
+def test_an_edit_with_crops_fine_tunes_the_stage_at_its_own_k_and_gives_it_back(
+        backend, photo, monkeypatch):
     before = stage_weights(backend)
-    session = Imagic(backend, RECIPE.with_options(aux_finetune_crop=32), quiet=True).fit(
-        photo, TEXT)
+    draws = []
+    draw = PixelCascadeBackend.draw
+
+    def spy(self, x0, generator, batch=1, stage="base", **crop):
+        draws.append((stage, batch, crop.get("crop", 0)))
+        return draw(self, x0, generator, batch, stage, **crop)
+
+    monkeypatch.setattr(PixelCascadeBackend, "draw", spy)
+    config = RECIPE.with_options(aux_finetune_crop=32, aux_timesteps_per_step=3)
+    session = Imagic(backend, config, quiet=True).fit(photo, TEXT)
+    assert draws.count((SR_STAGE, 3, 32)) == RECIPE.aux_finetune_steps
+    assert all(batch == RECIPE.timesteps_per_step for stage, batch, _ in draws if stage == "base")
     assert any(k.startswith(f"{SR_STAGE}/") for k in session.delta.tensors)
     after = stage_weights(backend)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_one_k_asked_for_both_stages_reaches_the_super_resolution_stages_too():
+    preset = EditConfig(aux_timesteps_per_step=8)
+    assert preset.with_options(timesteps_per_step=2).aux_timesteps_per_step is None
+    assert preset.with_options(finetune_timesteps_per_step=2).aux_timesteps_per_step is None
+    assert preset.with_options(timesteps_per_step=2,
+                               aux_timesteps_per_step=4).aux_timesteps_per_step == 4
 
 
 def test_a_cascade_session_is_refused_by_a_model_without_its_stage(backend, photo, tmp_path):

@@ -99,6 +99,8 @@ def finetune(
                                               stage=stage)
     cond = cond.map(lambda t: t.detach())
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
+    if not base:
+        k = config.aux_timesteps_per_step or k
     crop = {} if base else {"crop": config.aux_finetune_crop}  # super-resolution: its crops
     return train(
         backend, config, params, lr,

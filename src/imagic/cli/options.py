@@ -128,6 +128,9 @@ RECIPE = (
      dict(type=int, help="K: (t, ε) draws per optimizer step, both stages")),
     ("--finetune-timesteps-per-step", "finetune_timesteps_per_step",
      dict(type=int, help="K for stage 2 only (after --timesteps-per-step)")),
+    ("--aux-timesteps-per-step", "aux_timesteps_per_step",
+     dict(type=int, help="K for the super-resolution stages' stage 2 (cascades; default: stage "
+                         "2's)")),
     ("--seed", "seed", dict(type=int, help="seed of the training draws (stages 1-2)")),
     ("--cuda-graphs", "cuda_graphs",
      dict(choices=list(CUDA_GRAPHS),
