@@ -14,7 +14,10 @@ copies the base's artefacts; too high and it stops following the base's shapes. 
 - the stage upsamples those same base images at every level, each time from the same noise, so
   the levels differ by nothing else;
 - `truth`: the stage at the model's own level, from the true scenes brought down to 32 px as
-  training brings them: what the stage gets right when the base is perfect.
+  training brings them: what the stage gets right when the base is perfect, and how often it
+  gives the scene itself back, every object the same object by its unnamed details
+  (`identity`) and every pebble in place (`pebbles`), read by `check_edit` as an edit that
+  changed nothing: the most an edit could keep through the stage as trained.
 
 Every image is read by the detectors as in `imagic eval-shapes`. Choose the level on captions of
 seed 1 or more: the model card's evaluation uses seed 0, and a level chosen on its captions would
@@ -39,7 +42,12 @@ from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
-from imagic.shapes2.evaluate import evaluation_captions, read_samples, tally  # noqa: E402
+from imagic.shapes2.evaluate import (  # noqa: E402
+    check_edit,
+    evaluation_captions,
+    read_samples,
+    tally,
+)
 from imagic.shapes2.model import SR_STAGE  # noqa: E402
 from imagic.shapes2.world import ATTRIBUTES, render  # noqa: E402
 
@@ -74,6 +82,10 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
             accuracy, all_correct = tally(pairs, read_samples(pairs, images))
             rows.append({"level": level, "source": source, "accuracy": accuracy,
                          "all_correct": all_correct, "seconds": round(seconds, 1)})
+            if source == "truth":  # the scene given back, as an edit that changed nothing
+                kept = [check_edit(image, scene, scene) for (scene, _), image in zip(pairs, images)]
+                for key in ("identity", "pebbles"):
+                    rows[-1][key] = sum(c[key] for c in kept) / len(kept)
             print(row_line(rows[-1]), flush=True)
     finally:
         stage.noise_level = own_level
@@ -84,7 +96,8 @@ def row_line(row: dict) -> str:
     """The row in the table `main` prints (– for an attribute no caption named)."""
     acc = row["accuracy"]
     cells = [str(row["level"]), row["source"],
-             *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}"]
+             *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}",
+             *(f"{row[k]:.0%}" if k in row else "–" for k in ("identity", "pebbles"))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     top = backend.stages[SR_STAGE].max_noise_level
     if args.samples < 1 or any(not 0 <= lv <= top for lv in args.levels):
         raise InputError(f"--samples must be 1 or more and each level from 0 to {top}")
-    header = ["level", "32 px images", *COLUMNS, "everything"]
+    header = ["level", "32 px images", *COLUMNS, "everything", "identity", "pebbles"]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels)
     if args.out:

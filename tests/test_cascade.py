@@ -152,6 +152,23 @@ def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage
     assert torch.equal(outputs[0], outputs[1])  # same base images, same noise
     assert not torch.equal(outputs[0], outputs[2])  # another level, another image
     assert backend.stages[SR_STAGE].noise_level == own
+    assert "identity" not in rows[0] and 0 <= rows[-1]["identity"] <= 1
+
+
+def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as_kept(
+        backend, monkeypatch):
+    """The truth row's identity and pebbles: a stage that returned the true scene keeps both in
+    every image."""
+    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
+    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    scenes = [scene for scene, _ in bench.evaluation_captions(3, 1)]
+    truth = torch.cat([backend.encode_image(Image.fromarray(render(s)), SR_STAGE) for s in scenes])
+    monkeypatch.setattr(backend, "upsample", lambda *args, **kwargs: truth)
+    row = bench.measure(backend, samples=3, seed=1, levels=[], steps=2)[-1]
+    assert (row["source"], row["all_correct"], row["identity"], row["pebbles"]) == (
+        "truth", 1.0, 1.0, 1.0)
 
 
 def test_the_base_trains_on_the_input_area_averaged_to_32_px(backend, photo):
@@ -234,32 +251,41 @@ def test_the_super_resolution_stage_fine_tunes_on_crops_that_read_only_their_own
     assert loss(far) == loss(x0) != loss(near)
 
 
-@pytest.mark.parametrize("side", [12, 136])
-def test_a_crop_the_stage_cannot_train_on_is_refused_before_stage_1(backend, photo, side,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("option, value, message", [
+    ("aux_finetune_crop", 12, "aux_finetune_crop must be 0 .* multiple of 8 up to 128"),
+    ("aux_finetune_crop", 136, "aux_finetune_crop must be 0 .* multiple of 8 up to 128"),
+    ("aux_finetune_max_level", TINY.sr_max_noise_level + 1,
+     f"aux_finetune_max_level must be from 0 to {TINY.sr_max_noise_level}"),
+])
+def test_a_crop_or_level_the_stage_cannot_train_on_is_refused_before_stage_1(
+        backend, photo, option, value, message, monkeypatch):
     stage1 = []
     monkeypatch.setattr("imagic.editor.optimize_embedding", lambda *a, **k: stage1.append(a))
-    config = RECIPE.with_options(aux_finetune_crop=side)
-    with pytest.raises(InputError, match="aux_finetune_crop must be 0 .* multiple of 8 up to 128"):
+    config = RECIPE.with_options(**{option: value})
+    with pytest.raises(InputError, match=message):
         Imagic(backend, config, quiet=True).fit(photo, TEXT)
     assert stage1 == []  # refused before any training
 
 
-def test_an_edit_with_crops_fine_tunes_the_stage_at_its_own_k_and_gives_it_back(
+def test_an_edit_with_crops_fine_tunes_the_stage_at_its_own_k_and_levels_and_gives_it_back(
         backend, photo, monkeypatch):
     before = stage_weights(backend)
     draws = []
     draw = PixelCascadeBackend.draw
 
-    def spy(self, x0, generator, batch=1, stage="base", **crop):
-        draws.append((stage, batch, crop.get("crop", 0)))
-        return draw(self, x0, generator, batch, stage, **crop)
+    def spy(self, x0, generator, batch=1, stage="base", **drawn):
+        out = draw(self, x0, generator, batch, stage, **drawn)
+        draws.append((stage, batch, drawn.get("crop", 0), int(out[2].max()) if drawn else None))
+        return out
 
     monkeypatch.setattr(PixelCascadeBackend, "draw", spy)
-    config = RECIPE.with_options(aux_finetune_crop=32, aux_timesteps_per_step=3)
+    config = RECIPE.with_options(aux_finetune_crop=32, aux_timesteps_per_step=3,
+                                 aux_finetune_max_level=2)
     session = Imagic(backend, config, quiet=True).fit(photo, TEXT)
-    assert draws.count((SR_STAGE, 3, 32)) == RECIPE.aux_finetune_steps
-    assert all(batch == RECIPE.timesteps_per_step for stage, batch, _ in draws if stage == "base")
+    stage_draws = [d for d in draws if d[0] == SR_STAGE]
+    assert len(stage_draws) == RECIPE.aux_finetune_steps
+    assert all(batch == 3 and crop == 32 and level <= 2 for _, batch, crop, level in stage_draws)
+    assert all(batch == RECIPE.timesteps_per_step for stage, batch, *_ in draws if stage == "base")
     assert any(k.startswith(f"{SR_STAGE}/") for k in session.delta.tensors)
     after = stage_weights(backend)
     assert all(torch.equal(after[k], before[k]) for k in before)

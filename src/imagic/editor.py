@@ -101,10 +101,12 @@ def finetune(
     k = config.finetune_timesteps_per_step or config.timesteps_per_step
     if not base:
         k = config.aux_timesteps_per_step or k
-    crop = {} if base else {"crop": config.aux_finetune_crop}  # super-resolution: its crops
+    # a super-resolution stage: its crops and augmentation levels
+    drawn = {} if base else {"crop": config.aux_finetune_crop,
+                             "max_level": config.aux_finetune_max_level}
     return train(
         backend, config, params, lr,
-        draw=lambda: backend.draw(x0, generator, batch=k, stage=stage, **crop),  # (t, ε, …)
+        draw=lambda: backend.draw(x0, generator, batch=k, stage=stage, **drawn),  # (t, ε, …)
         loss_at=lambda *drawn: backend.loss_at(x0, cond, *drawn, stage=stage),  # L(x0, e, θ)
         steps=steps, label="stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}",
         quiet=quiet,
@@ -287,8 +289,9 @@ class Imagic:
         check_sample_steps(backend, config.sample_steps, config.sampler)
         check_stage3(backend, config)
         check_size(image.size, min_side=min_side(backend.output_resolution))
-        for stage in backend.auxiliary_stages if config.aux_finetune_crop else ():
-            backend.check_crop(stage, config.aux_finetune_crop)
+        for stage in backend.auxiliary_stages:
+            backend.check_aux_finetune(stage, config.aux_finetune_crop,
+                                       config.aux_finetune_max_level)
         # 2. Bring the image to the model's resolution and space (x0) and encode the text (e_tgt)
         square = to_square(upright_rgb(image), backend.output_resolution, pad=pad)
         timings: dict[str, float] = {}

@@ -127,18 +127,19 @@ class Backend(Protocol):
 
     def draw(
         self, x0: torch.Tensor, generator: torch.Generator, batch: int = 1, stage: str = "base",
-        crop: int = 0,
+        crop: int = 0, max_level: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """`batch` draws (t, ε) for the loss, on the device: t uniform over the training
         timesteps, ε standard normal in x0's shape; a cascade's super-resolution stage adds the
-        augmentation level and noise of its conditioning image, and with a `crop` side (which
-        `check_crop` accepted) ε at that side and where each crop lies. Every draw comes from
+        augmentation level (from 0 to `max_level`; None: the stage's training maximum) and noise
+        of its conditioning image, and with a `crop` side ε at that side and where each crop
+        lies (`check_aux_finetune` accepted both). Every draw comes from
         `generator` (a CPU generator), so a seed gives the same draws on any device."""
 
-    def check_crop(self, stage: str, side: int) -> None:
-        """A cascade's: refuse (InputError) a side of fine-tuning crops, `EditConfig`'s
-        aux_finetune_crop, that super-resolution stage `stage` cannot train on (0: the whole
-        image, always accepted)."""
+    def check_aux_finetune(self, stage: str, crop: int = 0, max_level: int | None = None) -> None:
+        """A cascade's: refuse (InputError) what super-resolution stage `stage` cannot fine-tune
+        with, `EditConfig`'s aux_finetune_crop (0: the whole image, always accepted) and
+        aux_finetune_max_level (None: always accepted)."""
 
     def loss_at(
         self,

@@ -116,23 +116,29 @@ class PixelCascadeBackend(UNetBackend):
         crop sees the pixel grid the whole image does."""
         return 2 ** (len(self.stages[stage].unet.config.block_out_channels) - 1)
 
-    def check_crop(self, stage: str, side: int) -> None:
-        """Refuse a fine-tuning crop `stage` cannot train on (0: the whole image)."""
+    def check_aux_finetune(self, stage: str, crop: int = 0, max_level: int | None = None) -> None:
+        """Refuse a fine-tuning crop `stage` cannot train on (0: the whole image), or a highest
+        augmentation level beyond the one it trained to."""
         grid, full = self.crop_grid(stage), self.stage_resolution(stage)
-        if side and (side % grid or not 0 < side <= full):
+        if crop and (crop % grid or not 0 < crop <= full):
             raise InputError(f"aux_finetune_crop must be 0 (the whole image) or a multiple of "
-                             f"{grid} up to {full} for {stage}, got {side}")
+                             f"{grid} up to {full} for {stage}, got {crop}")
+        top = self.stages[stage].max_noise_level
+        if max_level is not None and not 0 <= max_level <= top:
+            raise InputError(f"aux_finetune_max_level must be from 0 to {top} (the highest "
+                             f"{stage} trained at), got {max_level}")
 
-    def draw(self, x0, generator, batch=1, stage="base", crop=0):
-        """(t, ε), and for a super-resolution stage also the augmentation level and noise of
-        its conditioning image, all from `generator`; with a `crop` side, ε is drawn at that
-        side, and then where each sample's crop lies (fractions of the room along x and y)."""
+    def draw(self, x0, generator, batch=1, stage="base", crop=0, max_level=None):
+        """(t, ε), and for a super-resolution stage also the augmentation level (uniform from 0
+        to `max_level`, None: to the stage's training maximum) and noise of its conditioning
+        image, all from `generator`; with a `crop` side, ε is drawn at that side, and then where
+        each sample's crop lies (fractions of the room along x and y)."""
         if stage == "base":
             return super().draw(x0, generator, batch)
         side = crop or x0.shape[-1]
         t, noise = super().draw(x0[..., :side, :side], generator, batch)
-        level = torch.randint(0, self.stages[stage].max_noise_level + 1, (batch,),
-                              generator=generator)
+        top = self.stages[stage].max_noise_level if max_level is None else max_level
+        level = torch.randint(0, top + 1, (batch,), generator=generator)
         low_side = self._previous_resolution(stage)
         low_noise = torch.randn((batch, x0.shape[1], low_side, low_side), generator=generator)
         drawn = (t, noise, self._upload(level), self._upload(low_noise))

@@ -117,19 +117,21 @@ class DeepFloydIFBackend(PixelCascadeBackend):
         upscaled = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=True)
         return self.image_noising_scheduler.add_noise(upscaled, noise, level), level
 
-    def check_crop(self, stage, side):
-        if side:
+    def check_aux_finetune(self, stage, crop=0, max_level=None):
+        if crop:
             raise InputError(f"{stage} has self-attention, so it fine-tunes on the whole image: "
-                             f"drop aux_finetune_crop (got {side})")
+                             f"drop aux_finetune_crop (got {crop})")
+        super().check_aux_finetune(stage, 0, max_level)
 
-    def draw(self, x0, generator, batch=1, stage="base", crop=0):
-        """(t, ε), and for IF-II also the augmentation level and its noise, at 256 px: IF-II
-        noises its conditioning image after upscaling it (never a crop: `check_crop`)."""
+    def draw(self, x0, generator, batch=1, stage="base", crop=0, max_level=None):
+        """(t, ε), and for IF-II also the augmentation level (0 to `max_level`, None: its
+        training maximum) and its noise, at 256 px: IF-II noises its conditioning image after
+        upscaling it (never a crop: `check_aux_finetune`)."""
         if stage == "base":
             return super().draw(x0, generator, batch)
         t, noise = super().draw(x0, generator, batch)
-        level = torch.randint(0, self.stages[stage].max_noise_level + 1, (batch,),
-                              generator=generator)
+        top = self.stages[stage].max_noise_level if max_level is None else max_level
+        level = torch.randint(0, top + 1, (batch,), generator=generator)
         image_noise = torch.randn((batch, *x0.shape[1:]), generator=generator)
         return t, noise, self._upload(level), self._upload(image_noise)
 

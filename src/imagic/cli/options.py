@@ -128,6 +128,9 @@ RECIPE = (
      dict(type=int, help="K: (t, ε) draws per optimizer step, both stages")),
     ("--finetune-timesteps-per-step", "finetune_timesteps_per_step",
      dict(type=int, help="K for stage 2 only (after --timesteps-per-step)")),
+    ("--aux-finetune-max-level", "aux_finetune_max_level",
+     dict(type=int, help="highest augmentation level of the super-resolution stages' stage 2 "
+                         "(cascades; default: their training's)")),
     ("--aux-timesteps-per-step", "aux_timesteps_per_step",
      dict(type=int, help="K for the super-resolution stages' stage 2 (cascades; default: stage "
                          "2's)")),
