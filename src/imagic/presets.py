@@ -291,15 +291,14 @@ PRESETS: dict[str, EditConfig] = {
     # The ShapesWorld 2 cascade (docs/models/shapes2.md): `shapes` for the 32 px base but a
     # rate four times higher, which keeps the objects' details closer from η 0.7 on; the
     # super-resolution stage fine-tuned on 32 px crops (it has no self-attention, as it
-    # trained), 200 steps of K = 8, whose markings then follow the input's, at augmentation
-    # levels up to 50 around the 25 it samples at, which keeps their colours closer. Chosen on
+    # trained), 200 steps of K = 8, whose markings then follow the input's. Chosen on
     # ShapesBench 2's tuning cases (docs/models/shapes2.md).
     "shapes2": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=5e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.8, 0.9, 1.0, 1.1, 1.2),
         seeds=(0,), guidance=1.5, sample_steps=50, start="inversion",
         aux_finetune_steps=200, aux_finetune_lr=3e-4, aux_finetune_crop=32,
-        aux_timesteps_per_step=8, aux_finetune_max_level=50,
+        aux_timesteps_per_step=8,
     ),
     # SDXL base 1.0 (backends/sdxl.py; its default). Stages 1-2: the paper's rates and its
     # 1000 + 1500 samples, in steps of K = 4 with each rate × √K as in `fast` (K = 4, not 16/8:
