@@ -17,7 +17,8 @@ copies the base's artefacts; too high and it stops following the base's shapes. 
   training brings them: what the stage gets right when the base is perfect, and how often it
   gives the scene itself back, every object the same object by its unnamed details
   (`identity`) and every pebble in place (`pebbles`), read by `check_edit` as an edit that
-  changed nothing: the most an edit could keep through the stage as trained.
+  changed nothing, and the share of all objects that stay the same object (`same objects`,
+  `same_identity`): the most an edit could keep through the stage as trained.
 
 Every image is read by the detectors as in `imagic eval-shapes`. Choose the level on captions of
 seed 1 or more: the model card's evaluation uses seed 0, and a level chosen on its captions would
@@ -32,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,6 +44,7 @@ from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
+from imagic.shapes2.detect import detect, identity_of, same_identity  # noqa: E402
 from imagic.shapes2.evaluate import (  # noqa: E402
     check_edit,
     evaluation_captions,
@@ -86,10 +89,20 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
                 kept = [check_edit(image, scene, scene) for (scene, _), image in zip(pairs, images)]
                 for key in ("identity", "pebbles"):
                     rows[-1][key] = sum(c[key] for c in kept) / len(kept)
+                same = [same_objects(scene, image) for (scene, _), image in zip(pairs, images)]
+                rows[-1]["same_objects"] = sum(map(sum, same)) / sum(map(len, same))
             print(row_line(rows[-1]), flush=True)
     finally:
         stage.noise_level = own_level
     return rows
+
+
+def same_objects(scene, image) -> list[bool]:
+    """Per object of `scene`: whether `image` shows the same object in its slot."""
+    found = detect(np.asarray(image))
+    return [(reading := found.at(thing.position)) is not None
+            and same_identity(reading, identity_of(scene, thing.position))
+            for thing in scene.things]
 
 
 def row_line(row: dict) -> str:
@@ -97,7 +110,8 @@ def row_line(row: dict) -> str:
     acc = row["accuracy"]
     cells = [str(row["level"]), row["source"],
              *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}",
-             *(f"{row[k]:.0%}" if k in row else "–" for k in ("identity", "pebbles"))]
+             *(f"{row[k]:.0%}" if k in row else "–"
+               for k in ("identity", "pebbles", "same_objects"))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -119,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     top = backend.stages[SR_STAGE].max_noise_level
     if args.samples < 1 or any(not 0 <= lv <= top for lv in args.levels):
         raise InputError(f"--samples must be 1 or more and each level from 0 to {top}")
-    header = ["level", "32 px images", *COLUMNS, "everything", "identity", "pebbles"]
+    header = ["level", "32 px images", *COLUMNS, "everything", "identity", "pebbles",
+              "same objects"]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels)
     if args.out:
