@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -44,7 +43,6 @@ from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
-from imagic.shapes2.detect import detect, identity_of, same_identity  # noqa: E402
 from imagic.shapes2.evaluate import (  # noqa: E402
     check_edit,
     evaluation_captions,
@@ -89,20 +87,12 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
                 kept = [check_edit(image, scene, scene) for (scene, _), image in zip(pairs, images)]
                 for key in ("identity", "pebbles"):
                     rows[-1][key] = sum(c[key] for c in kept) / len(kept)
-                same = [same_objects(scene, image) for (scene, _), image in zip(pairs, images)]
-                rows[-1]["same_objects"] = sum(map(sum, same)) / sum(map(len, same))
+                same = [ok for c in kept for ok in c["same_objects"]]
+                rows[-1]["same_objects"] = sum(same) / len(same)
             print(row_line(rows[-1]), flush=True)
     finally:
         stage.noise_level = own_level
     return rows
-
-
-def same_objects(scene, image) -> list[bool]:
-    """Per object of `scene`: whether `image` shows the same object in its slot."""
-    found = detect(np.asarray(image))
-    return [(reading := found.at(thing.position)) is not None
-            and same_identity(reading, identity_of(scene, thing.position))
-            for thing in scene.things]
 
 
 def row_line(row: dict) -> str:

@@ -102,11 +102,11 @@ def finetune(
     if not base:
         k = config.aux_timesteps_per_step or k
     # a super-resolution stage: its crops and augmentation levels
-    drawn = {} if base else {"crop": config.aux_finetune_crop,
-                             "max_level": config.aux_finetune_max_level}
+    sr_draws = {} if base else {"crop": config.aux_finetune_crop,
+                                "max_level": config.aux_finetune_max_level}
     return train(
         backend, config, params, lr,
-        draw=lambda: backend.draw(x0, generator, batch=k, stage=stage, **drawn),  # (t, ε, …)
+        draw=lambda: backend.draw(x0, generator, batch=k, stage=stage, **sr_draws),  # (t, ε, …)
         loss_at=lambda *drawn: backend.loss_at(x0, cond, *drawn, stage=stage),  # L(x0, e, θ)
         steps=steps, label="stage 2/3 fine-tune" if base else f"stage 2/3 fine-tune {stage}",
         quiet=quiet,

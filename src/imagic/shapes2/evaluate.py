@@ -100,7 +100,8 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     `same_identity` with the input's), pebbles (every pebble of the input clear of the objects
     has a pebble of the output within the match distance, and the output has no other),
     success (target, kept and identity), background_psnr (dB) and background_ssim outside the
-    objects of input and output (each dilated), and the detection's object count.
+    objects of input and output (each dilated), the detection's object count, and
+    same_objects: per object that stays, whether it is the same object.
     """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
@@ -134,6 +135,7 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
         "target": all(changed_ok),
         "kept": all(kept_ok),
         "identity": all(identity_ok),
+        "same_objects": identity_ok,
         "pebbles": matched == len(expected) and added == 0,
         "objects": found.count,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
