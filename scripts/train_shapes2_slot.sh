@@ -5,7 +5,8 @@
 #   DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=50 OUT=/tmp/slot \
 #     bash scripts/train_shapes2_slot.sh SLOT MINUTES
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
-# its training budget. The slot continues from the committed model in training/shapes2/model
+# its training budget; FREEZE (e.g. unet,text_encoder) holds those models and trains the rest
+# (--freeze). The slot continues from the committed model in training/shapes2/model
 # when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
 # again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
 # $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
@@ -20,6 +21,7 @@ OUT=${OUT:-gpu-out}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
+FREEZE=${FREEZE:-}
 mkdir -p "$OUT"
 if [ -f ../shared/gpu/device_env.sh ]; then
   source ../shared/gpu/device_env.sh
@@ -31,6 +33,7 @@ fi
 RUN=$(mktemp -d)/run
 INIT=()
 [ -f training/shapes2/model/imagic_model.json ] && INIT=(--init-from training/shapes2/model)
+[ -n "$FREEZE" ] && INIT+=(--freeze "$FREEZE")
 {
   if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
   "$PYTHON" -m imagic.cli train-shapes --world 2 --out "$RUN" --device "$DEVICE" --seed "$SLOT" \

@@ -340,3 +340,60 @@ def test_train_shapes_world_2_trains_the_cascade(monkeypatch):
     assert seen.pop("config").model == CascadeConfig()
     assert main(["train-shapes", "--out", "x"]) == 0
     assert not isinstance(seen.pop("config").model, CascadeConfig)
+
+
+def test_a_frozen_base_keeps_its_weights_while_the_stage_trains_and_resumes_exactly(run, tmp_path):
+    """--freeze unet,text_encoder: the exported base and text encoder are the --init-from ones
+    bit for bit, sr128 learns, the base's loss is never computed, and a stopped run resumes to
+    the straight one's checkpoint."""
+    init = str(run / "model")
+    frozen = ("unet", "text_encoder")
+    straight = CascadeTrainer(tiny_config(tmp_path / "straight", init_from=init, freeze=frozen))
+    calls = []  # the base runs only without gradients, for the sample grid
+    straight.unet.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    straight.run()
+    assert calls and not any(calls)
+    start, after = load_backend(init, device="cpu"), load_backend(
+        str(tmp_path / "straight" / "model"), device="cpu")
+    for name in ("base", SR_STAGE):
+        before = start.stage_unets()[name].state_dict()
+        now = after.stage_unets()[name].state_dict()
+        same = all(torch.equal(before[k], now[k]) for k in before)
+        assert same == (name == "base"), name
+    assert all(torch.equal(a, b) for a, b in zip(start.text_encoder.state_dict().values(),
+                                                 after.text_encoder.state_dict().values()))
+    meta = json.loads((tmp_path / "straight" / "model" / "imagic_model.json").read_text())
+    assert meta["training"]["frozen"] == list(frozen)
+    out = tmp_path / "resumed"
+    CascadeTrainer(tiny_config(out, steps=2, init_from=init, freeze=frozen)).run()
+    CascadeTrainer(tiny_config(out, resume=True, init_from=init, freeze=frozen)).run()
+    for name in (SR_STAGE, "ema"):
+        a = load_file(tmp_path / "straight" / "checkpoint" / f"{name}.safetensors")
+        b = load_file(out / "checkpoint" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(InputError, match="--freeze"):  # the run was made with a freeze
+        CascadeTrainer(tiny_config(out, resume=True, steps=6, init_from=init)).run()
+
+
+@pytest.mark.parametrize("freeze, init, message", [
+    (("unet",), False, "--init-from"),
+    (("vae",), True, "some of unet, sr128, text_encoder"),
+    (("unet", SR_STAGE, "text_encoder"), True, "not all"),
+])
+def test_freeze_refuses_what_it_cannot_hold(run, tmp_path, freeze, init, message):
+    with pytest.raises(InputError, match=message):
+        CascadeTrainer(tiny_config(tmp_path / "x", freeze=freeze,
+                                   init_from=str(run / "model") if init else None))
+
+
+def test_train_shapes_passes_freeze(monkeypatch):
+    from imagic.cli import main
+    from imagic.shapes import train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
+    assert main(["train-shapes", "--world", "2", "--out", "x", "--init-from", "m",
+                 "--freeze", "unet, text_encoder"]) == 2  # m is no model folder
+    assert main(["train-shapes", "--world", "2", "--out", "x", "--resume",
+                 "--freeze", "unet, text_encoder"]) == 0
+    assert seen.pop("config").freeze == ("unet", "text_encoder")

@@ -53,6 +53,9 @@ def register(sub) -> None:
                               "0: none, plain MSE)")
     train_p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     train_p.add_argument("--init-from", help="start from the weights of an exported model folder")
+    train_p.add_argument("--freeze", default="", metavar="NAMES",
+                         help="comma-separated models held at their --init-from weights while "
+                              "the others train (world 2: unet, sr128, text_encoder)")
     train_p.add_argument("--seed", type=int, default=defaults.seed,
                          help="seeds the initial weights and every data and noise draw")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -88,6 +91,7 @@ def cmd_train_shapes(args) -> int:
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
+        freeze=tuple(name.strip() for name in args.freeze.split(",") if name.strip()),
         snr_gamma=args.snr_gamma or None, command=" ".join(["imagic", *sys.argv[1:]]),
         model=CascadeConfig() if world2 else training.ModelConfig(),
     )

@@ -67,6 +67,9 @@ class TrainConfig:
     resume: bool = False  # continue from OUT/checkpoint
     quiet: bool = False  # no progress bar
     init_from: str | None = None  # start from an exported model's weights (see Trainer.warm_start)
+    # models held at their --init-from weights while the others train (ShapesWorld 2: "unet",
+    # "sr128", "text_encoder"); a frozen stage's loss is not computed at all
+    freeze: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
     command: str = ""  # recorded in the export's metadata
 
@@ -98,6 +101,9 @@ class TrainConfig:
                                                / "imagic_model.json").is_file():
             raise InputError(f"--init-from {self.init_from} is not an exported ShapesWorld "
                              "model folder (no imagic_model.json)")
+        if self.freeze and self.init_from is None and not self.resume:
+            raise InputError("--freeze holds models at their --init-from weights: give "
+                             "--init-from too")
 
 
 # --------------------------------------------------------------------------- data
@@ -258,10 +264,15 @@ class Trainer:
             for name, module in self.models.items():
                 if name != "text_encoder":
                     module.to(memory_format=torch.channels_last)
+        if not set(config.freeze) < set(self.models):
+            raise InputError(f"--freeze takes some of {', '.join(self.models)}, not all; got "
+                             f"{', '.join(config.freeze)}")
         if config.init_from and not config.resume:
             self.warm_start(Path(config.init_from))
+        for name in config.freeze:  # no gradient, no dropout
+            self.models[name].requires_grad_(False).eval()
         self.params = {f"{prefix}.{k}": v for prefix, module in self.models.items()
-                       for k, v in module.named_parameters()}
+                       if prefix not in config.freeze for k, v in module.named_parameters()}
         self.ema = {k: v.detach().clone() for k, v in self.params.items()}
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=self.lr, weight_decay=config.weight_decay,
@@ -365,11 +376,17 @@ class Trainer:
 
     # -- EMA copies, samples and export --------------------------------------------------
 
+    def trains(self, name: str) -> bool:
+        """Whether the model `name` learns in this run (not in --freeze)."""
+        return name not in self.config.freeze
+
     def ema_models(self) -> dict[str, torch.nn.Module]:
-        """Deep copies of every trained model carrying the EMA weights."""
+        """Deep copies of every model, the trained ones carrying the EMA weights."""
         copies = {name: copy.deepcopy(module) for name, module in self.models.items()}
         with torch.no_grad():
             for prefix, module in copies.items():
+                if not self.trains(prefix):
+                    continue
                 for name, p in module.named_parameters():
                     p.copy_(self.ema[f"{prefix}.{name}"])
                     p.grad = None
@@ -445,6 +462,7 @@ class Trainer:
                 "caption_dropout": self.config.caption_dropout,
                 "snr_gamma": self.config.snr_gamma,
                 "seed": self.config.seed,
+                "frozen": list(self.config.freeze),
                 "command": self.config.command,
                 "versions": library_versions(),
             },
@@ -480,6 +498,7 @@ class Trainer:
             "seed": self.config.seed,
             "caption_dropout": self.config.caption_dropout,
             "snr_gamma": self.config.snr_gamma,
+            "frozen": list(self.config.freeze),
             "model_config": self.config.model.to_dict(),
             "optimizer": optim_meta,
         }
@@ -495,6 +514,10 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         if state["model_config"] != self.config.model.to_dict():
             raise InputError(f"{path} was written for another model configuration")
+        if state.get("frozen", []) != list(self.config.freeze):
+            raise InputError(f"{path} was written with --freeze "
+                             f"{','.join(state.get('frozen', [])) or '(none)'}: resume with the "
+                             "same")
         if state.get("snr_gamma") != self.config.snr_gamma:
             print(f"note: resuming with --snr-gamma {self.config.snr_gamma} "
                   f"(checkpoint: {state.get('snr_gamma')})", file=sys.stderr)
@@ -535,8 +558,10 @@ class Trainer:
         if not cfg.quiet:
             sizes = " + ".join(f"{name} {parameter_count(m):,}"
                                for name, m in self.models.items())
+            frozen = f" (frozen: {', '.join(cfg.freeze)})" if cfg.freeze else ""
             print(f"device {device_name(self.device)}, batch {self.batch_size}, "
-                  f"workers {self.workers}, parameters {sizes}, step {self.step}/{cfg.steps}")
+                  f"workers {self.workers}, parameters {sizes}{frozen}, "
+                  f"step {self.step}/{cfg.steps}")
         stream = ShapesStream(cfg.seed, self.step, cfg.steps, self.batch_size,
                               cfg.caption_dropout, self.scheduler.config.num_train_timesteps,
                               self.make_batch)

@@ -108,35 +108,46 @@ class CascadeTrainer(Trainer):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def sample_losses(self, batch: dict):
-        """Per-sample ε-MSE of both stages with their timesteps: ((base, t), (sr, t_sr))."""
+        """Per-sample ε-MSE of each stage this run trains, with its timesteps:
+        {"base": (losses, t), "sr128": (losses, t_sr)}; a frozen stage (`--freeze`) is left out."""
         dev, model = self.device, self.config.model
         x = batch["images"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
         low = resize(x, BASE_SIZE)  # the base's images, as the engine brings an input down
         get = {k: batch[k].to(dev, non_blocking=True) for k in
                ("timesteps", "noise", "sr_timesteps", "sr_noise", "aug_fraction", "aug_noise")}
-        t, t_sr = get["timesteps"], get["sr_timesteps"]
-        level = (get["aug_fraction"] * (model.sr_max_noise_level + 1)).long().clamp(
-            max=model.sr_max_noise_level)
-        conditioning = resize(self._noised(low, get["aug_noise"], level), IMAGE_SIZE)
-        x, conditioning = crop(batch["crop_at"], model.sr_crop, CROP_GRID, x, conditioning)
-        sr_input = torch.cat([self._noised(x, get["sr_noise"], t_sr), conditioning], dim=1)
         ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
                              max_length=model.max_tokens, return_tensors="pt")
         ids = ids.input_ids.to(dev, non_blocking=True)
+        losses = {}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            hidden = self.text_encoder(ids)[0]
-            base = self.unet(self._input(self._noised(low, get["noise"], t)), t,
-                             encoder_hidden_states=hidden).sample
-            sr = self.models[SR_STAGE](self._input(sr_input, coordinates=False), t_sr,
-                                       encoder_hidden_states=hidden, class_labels=level).sample
-        base_losses = F.mse_loss(base.float(), get["noise"], reduction="none").mean(dim=(1, 2, 3))
-        sr_losses = F.mse_loss(sr.float(), get["sr_noise"], reduction="none").mean(dim=(1, 2, 3))
-        return (base_losses, t), (sr_losses, t_sr)
+            with torch.set_grad_enabled(self.trains("text_encoder")):
+                hidden = self.text_encoder(ids)[0]
+            if self.trains("unet"):
+                t = get["timesteps"]
+                base = self.unet(self._input(self._noised(low, get["noise"], t)), t,
+                                 encoder_hidden_states=hidden).sample
+                losses["base"] = (F.mse_loss(base.float(), get["noise"], reduction="none")
+                                  .mean(dim=(1, 2, 3)), t)
+            if self.trains(SR_STAGE):
+                t_sr = get["sr_timesteps"]
+                level = (get["aug_fraction"] * (model.sr_max_noise_level + 1)).long().clamp(
+                    max=model.sr_max_noise_level)
+                conditioning = resize(self._noised(low, get["aug_noise"], level), IMAGE_SIZE)
+                x, conditioning = crop(batch["crop_at"], model.sr_crop, CROP_GRID, x,
+                                       conditioning)
+                sr_input = torch.cat([self._noised(x, get["sr_noise"], t_sr), conditioning],
+                                     dim=1)
+                sr = self.models[SR_STAGE](self._input(sr_input, coordinates=False), t_sr,
+                                           encoder_hidden_states=hidden,
+                                           class_labels=level).sample
+                losses[SR_STAGE] = (F.mse_loss(sr.float(), get["sr_noise"], reduction="none")
+                                    .mean(dim=(1, 2, 3)), t_sr)
+        return losses
 
     def batch_loss(self, batch: dict) -> torch.Tensor:
-        """The base's and the super-resolution stage's weighted mean losses, summed."""
-        (base, t), (sr, t_sr) = self.sample_losses(batch)
-        return (base * self.loss_weights(t)).mean() + (sr * self.loss_weights(t_sr)).mean()
+        """The trained stages' weighted mean losses, summed."""
+        return sum((losses * self.loss_weights(t)).mean()
+                   for losses, t in self.sample_losses(batch).values())
 
     def stages(self, models: dict[str, torch.nn.Module]) -> dict:
         spec = self.config.model.stage_meta()[SR_STAGE]
