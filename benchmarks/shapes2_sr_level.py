@@ -18,7 +18,11 @@ copies the base's artefacts; too high and it stops following the base's shapes. 
   gives the scene itself back, every object the same object by its unnamed details
   (`identity`) and every pebble in place (`pebbles`), read by `check_edit` as an edit that
   changed nothing, and the share of all objects that stay the same object (`same objects`,
-  `same_identity`): the most an edit could keep through the stage as trained.
+  `same_identity`): the most an edit could keep through the stage as trained; and how far the
+  stage moves the objects' colour (`colour shift`: its output area-averaged back to 32 px
+  against the 32 px image it read, over the pixels the objects cover whole, the per-channel
+  mean difference's magnitude in 1/255, averaged over images): what it changes of what it was
+  given rather than adds.
 
 Every image is read by the detectors as in `imagic eval-shapes`. Choose the level on captions of
 seed 1 or more: the model card's evaluation uses seed 0, and a level chosen on its captions would
@@ -40,9 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.backends import load_backend, require_family  # noqa: E402
+from imagic.backends.cascade import resize  # noqa: E402
 from imagic.bench import provenance  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.evaluate import DEFAULT_GUIDANCE, sample_seed  # noqa: E402
+from imagic.shapes2.detect import detect  # noqa: E402
 from imagic.shapes2.evaluate import (  # noqa: E402
     check_edit,
     evaluation_captions,
@@ -77,8 +83,8 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
             for g, state in zip(generators, after_base):
                 g.set_state(state)
             start = time.perf_counter()
-            images = backend.decode(backend.upsample(SR_STAGE, low, conds, uncond, generators,
-                                                     steps))
+            high = backend.upsample(SR_STAGE, low, conds, uncond, generators, steps)
+            images = backend.decode(high)
             seconds = time.perf_counter() - start
             accuracy, all_correct = tally(pairs, read_samples(pairs, images))
             rows.append({"level": level, "source": source, "accuracy": accuracy,
@@ -89,10 +95,25 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
                     rows[-1][key] = sum(c[key] for c in kept) / len(kept)
                 same = [ok for c in kept for ok in c["same_objects"]]
                 rows[-1]["same_objects"] = sum(same) / len(same)
+                rows[-1]["colour_shift"] = colour_shift(high, low, [s for s, _ in pairs])
             print(row_line(rows[-1]), flush=True)
     finally:
         stage.noise_level = own_level
     return rows
+
+
+def colour_shift(high: torch.Tensor, low: torch.Tensor, scenes) -> float:
+    """Mean over images of |mean over the objects' whole 32 px pixels of (high area-averaged
+    to 32 px − low)|, averaged over channels, in 1/255."""
+    side = low.shape[-1]
+    block = high.shape[-1] // side
+    shifts = []
+    for image, given, scene in zip(resize(high.clamp(-1, 1), side), low, scenes):
+        mask = detect(render(scene)).mask.reshape(side, block, side, block).all(axis=(1, 3))
+        if mask.any():
+            diff = (image - given)[:, torch.from_numpy(mask)].mean(dim=1)
+            shifts.append(float(diff.abs().mean()) * 127.5)
+    return round(sum(shifts) / len(shifts), 2)
 
 
 def row_line(row: dict) -> str:
@@ -101,7 +122,8 @@ def row_line(row: dict) -> str:
     cells = [str(row["level"]), row["source"],
              *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}",
              *(f"{row[k]:.0%}" if k in row else "–"
-               for k in ("identity", "pebbles", "same_objects"))]
+               for k in ("identity", "pebbles", "same_objects")),
+             f"{row['colour_shift']:.1f}" if "colour_shift" in row else "–"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -124,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 1 or any(not 0 <= lv <= top for lv in args.levels):
         raise InputError(f"--samples must be 1 or more and each level from 0 to {top}")
     header = ["level", "32 px images", *COLUMNS, "everything", "identity", "pebbles",
-              "same objects"]
+              "same objects", "colour shift, /255"]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels)
     if args.out:

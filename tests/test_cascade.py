@@ -158,7 +158,7 @@ def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage
 def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as_kept(
         backend, monkeypatch):
     """The truth row's identity, pebbles and same objects: a stage that returned the true scene
-    keeps them all in every image."""
+    keeps them all in every image, and moves no object's colour."""
     path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
     spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
     bench = importlib.util.module_from_spec(spec)
@@ -168,7 +168,7 @@ def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as
     monkeypatch.setattr(backend, "upsample", lambda *args, **kwargs: truth)
     row = bench.measure(backend, samples=3, seed=1, levels=[], steps=2)[-1]
     assert (row["source"], row["all_correct"], row["identity"], row["pebbles"],
-            row["same_objects"]) == ("truth", 1.0, 1.0, 1.0, 1.0)
+            row["same_objects"], row["colour_shift"]) == ("truth", 1.0, 1.0, 1.0, 1.0, 0.0)
 
 
 def test_the_base_trains_on_the_input_area_averaged_to_32_px(backend, photo):
