@@ -102,9 +102,9 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
     return rows
 
 
-def colour_shift(high: torch.Tensor, low: torch.Tensor, scenes) -> float:
+def colour_shift(high: torch.Tensor, low: torch.Tensor, scenes) -> float | None:
     """Mean over images of |mean over the objects' whole 32 px pixels of (high area-averaged
-    to 32 px − low)|, averaged over channels, in 1/255."""
+    to 32 px − low)|, averaged over channels, in 1/255 (None: no object covers a whole pixel)."""
     side = low.shape[-1]
     block = high.shape[-1] // side
     shifts = []
@@ -113,7 +113,7 @@ def colour_shift(high: torch.Tensor, low: torch.Tensor, scenes) -> float:
         if mask.any():
             diff = (image - given)[:, torch.from_numpy(mask)].mean(dim=1)
             shifts.append(float(diff.abs().mean()) * 127.5)
-    return round(sum(shifts) / len(shifts), 2)
+    return round(sum(shifts) / len(shifts), 2) if shifts else None
 
 
 def row_line(row: dict) -> str:
@@ -123,7 +123,7 @@ def row_line(row: dict) -> str:
              *(f"{acc[a]:.0%}" if a in acc else "–" for a in COLUMNS), f"{row['all_correct']:.0%}",
              *(f"{row[k]:.0%}" if k in row else "–"
                for k in ("identity", "pebbles", "same_objects")),
-             f"{row['colour_shift']:.1f}" if "colour_shift" in row else "–"]
+             f"{row['colour_shift']:.1f}" if row.get("colour_shift") is not None else "–"]
     return "| " + " | ".join(cells) + " |"
 
 
