@@ -137,12 +137,18 @@ class PixelCascadeBackend(UNetBackend):
             return super().draw(x0, generator, batch)
         side = crop or x0.shape[-1]
         t, noise = super().draw(x0[..., :side, :side], generator, batch)
-        top = self.stages[stage].max_noise_level if max_level is None else max_level
-        level = torch.randint(0, top + 1, (batch,), generator=generator)
+        level = self.draw_level(stage, batch, generator, max_level)
         low_side = self._previous_resolution(stage)
         low_noise = torch.randn((batch, x0.shape[1], low_side, low_side), generator=generator)
         drawn = (t, noise, self._upload(level), self._upload(low_noise))
         return (*drawn, torch.rand((batch, 2), generator=generator)) if crop else drawn
+
+    def draw_level(self, stage: str, batch: int, generator: torch.Generator,
+                   max_level: int | None = None) -> torch.Tensor:
+        """`batch` augmentation levels of `stage`'s conditioning image, uniform from 0 to
+        `max_level` (None: the stage's training maximum), on the CPU."""
+        top = self.stages[stage].max_noise_level if max_level is None else max_level
+        return torch.randint(0, top + 1, (batch,), generator=generator)
 
     def loss_at(self, x0, cond, t, noise, level=None, low_noise=None, at=None, stage="base",
                 extra=()):

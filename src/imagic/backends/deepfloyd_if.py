@@ -130,8 +130,7 @@ class DeepFloydIFBackend(PixelCascadeBackend):
         if stage == "base":
             return super().draw(x0, generator, batch)
         t, noise = super().draw(x0, generator, batch)
-        top = self.stages[stage].max_noise_level if max_level is None else max_level
-        level = torch.randint(0, top + 1, (batch,), generator=generator)
+        level = self.draw_level(stage, batch, generator, max_level)
         image_noise = torch.randn((batch, *x0.shape[1:]), generator=generator)
         return t, noise, self._upload(level), self._upload(image_noise)
 

@@ -272,7 +272,7 @@ class Trainer:
         for name in config.freeze:  # no gradient, no dropout
             self.models[name].requires_grad_(False).eval()
         self.params = {f"{prefix}.{k}": v for prefix, module in self.models.items()
-                       if prefix not in config.freeze for k, v in module.named_parameters()}
+                       if self.trains(prefix) for k, v in module.named_parameters()}
         self.ema = {k: v.detach().clone() for k, v in self.params.items()}
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=self.lr, weight_decay=config.weight_decay,
