@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from safetensors.torch import load_file
 
 from imagic import EditConfig, EditSession, Imagic, load_backend
 from imagic.backends.base import TextCond
-from imagic.backends.cascade import PixelCascadeBackend, crop, resize
-from imagic.errors import InputError, SessionError
+from imagic.backends.cascade import PixelCascadeBackend, crop, keep_average, resize
+from imagic.errors import InputError, ModelError, SessionError
 from imagic.shapes.train import TrainConfig
 from imagic.shapes2 import render, sample_scene
 from imagic.shapes2.model import SR_STAGE, CascadeConfig, build_models, longest_caption_tokens
@@ -146,13 +147,37 @@ def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage
     monkeypatch.setattr(backend, "decode", lambda x: outputs.append(x.clone()) or decode(x))
     own = backend.stages[SR_STAGE].noise_level
     rows = bench.measure(backend, samples=2, seed=1, levels=[0, 0, 200], steps=2)
-    assert [(r["level"], r["source"]) for r in rows] == [(0, "base"), (0, "base"), (200, "base"),
-                                                         (own, "truth")]
+    assert [(r["level"], r["source"], r["consistent"]) for r in rows] == [
+        (0, "base", True), (0, "base", True), (200, "base", True), (own, "truth", False),
+        (own, "truth", True)]
     assert set(rows[0]["accuracy"]) <= set(bench.COLUMNS) and 0 <= rows[0]["all_correct"] <= 1
     assert torch.equal(outputs[0], outputs[1])  # same base images, same noise
     assert not torch.equal(outputs[0], outputs[2])  # another level, another image
-    assert backend.stages[SR_STAGE].noise_level == own
+    assert backend.stages[SR_STAGE].noise_level == own and backend.stages[SR_STAGE].consistent
     assert "identity" not in rows[0] and 0 <= rows[-1]["identity"] <= 1
+    assert rows[-1]["colour_shift"] < rows[-2]["colour_shift"]  # consistent: kept closer
+
+
+def test_the_sampling_level_benchmark_fine_tunes_the_stage_per_scene_and_gives_it_back(
+        backend, monkeypatch):
+    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
+    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = stage_weights(backend)
+    tuned = []
+    finetune = bench.finetune
+    monkeypatch.setattr(bench, "finetune", lambda *a, **k: tuned.append(a[1].shape) or finetune(
+        *a, **k))
+    rows = bench.measure(backend, samples=3, seed=1, levels=[], steps=2, finetuned=2,
+                         config=RECIPE)
+    assert [(r["source"], r["consistent"]) for r in rows] == [
+        ("truth", False), ("truth", True), ("truth, fine-tuned", False),
+        ("truth, fine-tuned", True)]
+    assert tuned == [(1, 3, 128, 128)] * 2  # each scene at the stage's resolution
+    assert 0 <= rows[-1]["same_objects"] <= 1 and rows[-1]["colour_shift"] is not None
+    after = stage_weights(backend)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as_kept(
@@ -169,6 +194,71 @@ def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as
     row = bench.measure(backend, samples=3, seed=1, levels=[], steps=2)[-1]
     assert (row["source"], row["all_correct"], row["identity"], row["pebbles"],
             row["same_objects"], row["colour_shift"]) == ("truth", 1.0, 1.0, 1.0, 1.0, 0.0)
+
+
+def test_keep_average_moves_each_block_evenly_to_the_given_average():
+    x, low = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)
+    kept = keep_average(x, low)
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(kept, 4), low)
+    shift = (kept - x).unfold(2, 4, 4).unfold(3, 4, 4)  # N×C×4×4 blocks of 4×4
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))  # even in a block
+    torch.testing.assert_close(keep_average(kept, low), kept)  # already kept: unchanged
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_correction_of_x0_changes_the_prediction_by_exactly_that(backend, monkeypatch,
+                                                                    prediction_type):
+    monkeypatch.setattr(backend, "prediction_type", prediction_type)
+    x_t, prediction, t = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8), torch.tensor(600)
+    torch.testing.assert_close(backend.corrected(prediction, x_t, t, lambda x0: x0), prediction)
+    alpha = backend.noise_scheduler.alphas_cumprod[600]
+    a, b = alpha.sqrt(), (1 - alpha).sqrt()
+
+    def x0_of(pred):
+        return (x_t - b * pred) / a if prediction_type == "epsilon" else a * x_t - b * pred
+
+    moved = backend.corrected(prediction, x_t, t, lambda x0: x0 + 0.25)
+    torch.testing.assert_close(x0_of(moved), x0_of(prediction) + 0.25)
+
+
+def test_a_consistent_stage_gives_back_the_image_it_was_given_at_its_resolution(backend):
+    """Its 128 px output, area-averaged to 32 px, is the 32 px image it read (it adds only
+    finer detail); the same stage without it redraws that image."""
+    assert backend.stages[SR_STAGE].consistent  # the world's cascades sample so
+    low = torch.rand(2, 3, 32, 32) * 2 - 1
+    e, uncond = backend.encode_text([TEXT, TEXT]), backend.encode_text([""])
+
+    def upsampled():
+        out = backend.upsample(SR_STAGE, low, e, uncond,
+                               [torch.Generator().manual_seed(s) for s in (0, 1)], 3)
+        return torch.nn.functional.avg_pool2d(out, 4)
+
+    torch.testing.assert_close(upsampled(), low, atol=1e-4, rtol=0)
+    backend.stages[SR_STAGE].consistent = False
+    assert (upsampled() - low).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"consistent": "yes"}, "must be true or false"),
+    ({"consistent": True, "resolution": 120}, "multiple of the previous stage's 32"),
+])
+def test_a_stage_that_cannot_be_consistent_is_refused_at_load(run, tmp_path, change, message):
+    folder = shutil.copytree(run / "model", tmp_path / "model")
+    meta = json.loads((folder / "imagic_model.json").read_text())
+    meta["stages"][SR_STAGE].update(change)
+    (folder / "imagic_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=message):
+        load_backend(str(folder), device="cpu")
+
+
+def test_a_model_that_does_not_say_samples_its_stage_as_imagen_does(run, tmp_path):
+    folder = shutil.copytree(run / "model", tmp_path / "model")
+    meta = json.loads((folder / "imagic_model.json").read_text())
+    del meta["stages"][SR_STAGE]["consistent"]
+    (folder / "imagic_model.json").write_text(json.dumps(meta))
+    loaded = load_backend(str(folder), device="cpu")
+    assert not loaded.stages[SR_STAGE].consistent
+    assert loaded.info()["stages"][SR_STAGE]["consistent"] is False
 
 
 def test_the_base_trains_on_the_input_area_averaged_to_32_px(backend, photo):

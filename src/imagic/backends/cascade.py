@@ -10,6 +10,12 @@ the same text encoder. The engine fine-tunes each super-resolution stage on the 
 resolution, conditioned on e_tgt, as the paper does (§3.1), and stage 3 samples the base at ē and
 then every super-resolution stage at e_tgt.
 
+A stage marked "consistent" gives back the image it was given: at every sampling step its
+predicted clean image is corrected so that, area-averaged to the previous stage's resolution, it
+equals the previous stage's image (the range–null-space correction of DDNM, Wang et al. 2023,
+for area-average downsampling). The stage then only adds detail finer than the previous
+stage's pixels, and cannot redraw the colours it was given.
+
 The embedded ShapesWorld model is a cascade of one stage (32×32). A model folder holds
 `imagic_model.json` and diffusers/transformers component folders: `unet/`, `text_encoder/`,
 `tokenizer/`, `scheduler/`, and one UNet folder per super-resolution stage, named after it
@@ -48,6 +54,7 @@ class SuperResolution:
     max_noise_level: int  # training (and stage 2) draw the level uniformly from 0 to this
     sample_steps: int  # its sampler's steps (at most the base's)
     guidance: float  # its classifier-free guidance scale
+    consistent: bool = False  # sampling keeps its output's area average the previous image
 
 
 class PixelCascadeBackend(UNetBackend):
@@ -193,8 +200,9 @@ class PixelCascadeBackend(UNetBackend):
         scheduler = make_sampler(sampler, self.sampler_config)
         scheduler.set_timesteps(min(steps, sr.sample_steps), device=self.device)
         x = noise.to(self.device) * scheduler.init_noise_sigma
+        correct = (lambda x0: keep_average(x0, low)) if sr.consistent else None
         return self.denoise(stage, scheduler, x, scheduler.timesteps, conds, uncond,
-                            sr.guidance, progress, extra)
+                            sr.guidance, progress, extra, correct)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()
@@ -206,7 +214,8 @@ class PixelCascadeBackend(UNetBackend):
         info = super().info()
         info["stages"] = {
             name: {"resolution": s.resolution, "noise_level": s.noise_level,
-                   "sample_steps": s.sample_steps, "guidance": s.guidance}
+                   "sample_steps": s.sample_steps, "guidance": s.guidance,
+                   "consistent": s.consistent}
             for name, s in self.stages.items()
         }
         return info
@@ -220,6 +229,13 @@ def resize(x: torch.Tensor, side: int) -> torch.Tensor:
     if side < x.shape[-1]:
         return F.interpolate(x, size=(side, side), mode="area")
     return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def keep_average(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """x (N×C×H×W) changed by the least (per pixel, in the least-squares sense) so that its
+    area average at `low`'s resolution is `low`: each block gets the difference added evenly."""
+    factor = x.shape[-1] // low.shape[-1]
+    return x + F.interpolate(low - F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
 
 
 def crop(at: torch.Tensor, side: int, grid: int, *images: torch.Tensor) -> list[torch.Tensor]:
@@ -264,7 +280,7 @@ def load_pixel_model(path: str | Path, device: torch.device, dtype: torch.dtype,
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         scheduler_config = DDPMScheduler.load_config(path / "scheduler")
-        stages = {}
+        stages, previous = {}, unet.config.sample_size
         for name, spec in meta.get("stages", {}).items():
             if not name.isidentifier() or name == "base":
                 raise ValueError(f"a stage cannot be named {name!r}")
@@ -272,7 +288,14 @@ def load_pixel_model(path: str | Path, device: torch.device, dtype: torch.dtype,
                 unet=UNet2DConditionModel.from_pretrained(path / name, use_safetensors=True),
                 resolution=int(spec["resolution"]), noise_level=int(spec["noise_level"]),
                 max_noise_level=int(spec["max_noise_level"]),
-                sample_steps=int(spec["sample_steps"]), guidance=float(spec["guidance"]))
+                sample_steps=int(spec["sample_steps"]), guidance=float(spec["guidance"]),
+                consistent=spec.get("consistent", False))
+            if not isinstance(stages[name].consistent, bool):
+                raise ValueError(f"stage {name}'s \"consistent\" must be true or false")
+            if stages[name].consistent and stages[name].resolution % previous:
+                raise ValueError(f"stage {name} is consistent, so its resolution must be a "
+                                 f"multiple of the previous stage's {previous}")
+            previous = stages[name].resolution
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{path} is not a complete imagic model folder: {err}") from None
     identity = {

@@ -348,9 +348,11 @@ class UNetBackend:
 
     def denoise(self, stage: str, scheduler, x: torch.Tensor, timesteps, conds: TextCond,
                 uncond: TextCond, guidance: float, progress: bool = False,
-                extra: tuple = ()) -> torch.Tensor:
+                extra: tuple = (), correct=None) -> torch.Tensor:
         """The sampler's loop for `stage` from x, classifier-free guided: ε̂ = ε(∅) + w·(ε(e) −
-        ε(∅)); at guidance 1 that is ε(e), and the unconditional half is not run."""
+        ε(∅)); at guidance 1 that is ε(e), and the unconditional half is not run. With
+        `correct` (x̂0 → x̂0), every step's guided prediction is replaced by the one whose
+        predicted clean image is `correct` of its own."""
         n = x.shape[0]
         guided = guidance != 1
         if guided:
@@ -363,8 +365,23 @@ class UNetBackend:
             if guided:
                 uncond_pred, cond_pred = prediction.chunk(2)
                 prediction = uncond_pred + guidance * (cond_pred - uncond_pred)
+            if correct is not None:
+                prediction = self.corrected(prediction, x, t, correct)
             x = scheduler.step(prediction, t, x).prev_sample
         return x
+
+    def corrected(self, prediction: torch.Tensor, x_t: torch.Tensor, t,
+                  correct) -> torch.Tensor:
+        """The ε or v prediction at (x_t, t) whose predicted x0 is `correct` of `prediction`'s
+        (x_t = √ᾱ·x0 + √(1−ᾱ)·ε, v = √ᾱ·ε − √(1−ᾱ)·x0)."""
+        alpha = self.noise_scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
+        a, b = alpha.sqrt(), (1 - alpha).sqrt()
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - b * prediction) / a
+        else:
+            x0 = a * x_t - b * prediction
+        x0 = correct(x0)
+        return (x_t - a * x0) / b if self.prediction_type == "epsilon" else (a * x_t - x0) / b
 
     def sample_steps_fit(self, steps: int, sampler: str) -> bool:
         """Whether `steps` steps of `sampler` stay on the model's schedule, each at its own

@@ -43,6 +43,9 @@ class CascadeConfig:
     sr_sample_steps: int = 25  # its DDIM steps (a stage with a sharp conditioning image needs
     # far fewer than the base)
     sr_guidance: float = 1.0  # its guidance: 1 runs no unconditional pass
+    # its samples keep the base's image at 32 px (backends/cascade.py): it only adds detail,
+    # so it cannot move the colours an edit keeps
+    sr_consistent: bool = True
     sr_crop: int = 32  # training's side of its random crops (Imagen: a quarter of the side);
     # a multiple of CROP_GRID
     # --- shared ---
@@ -68,7 +71,8 @@ class CascadeConfig:
         """The super-resolution stage as `imagic_model.json` describes it (backends/cascade.py)."""
         return {SR_STAGE: {"resolution": IMAGE_SIZE, "noise_level": self.sr_noise_level,
                            "max_noise_level": self.sr_max_noise_level,
-                           "sample_steps": self.sr_sample_steps, "guidance": self.sr_guidance}}
+                           "sample_steps": self.sr_sample_steps, "guidance": self.sr_guidance,
+                           "consistent": self.sr_consistent}}
 
 
 def build_tokenizer(max_tokens: int = 32):
