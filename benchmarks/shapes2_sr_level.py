@@ -111,11 +111,12 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
         highs = {False: [], True: []}
         for i, (scene, _) in enumerate(pairs[:finetuned]):
             x0 = backend.encode_image(Image.fromarray(render(scene)), SR_STAGE)
-            finetune(backend, x0, conds.map(lambda t: t[i:i + 1]),
+            one = slice(i, i + 1)
+            finetune(backend, x0, conds.map(lambda t, one=one: t[one]),
                      config or get_preset("shapes2"), stage=SR_STAGE, quiet=True)
             for consistent in highs:
                 stage.consistent = consistent
-                highs[consistent].append(upsample(truth[i:i + 1], slice(i, i + 1)))
+                highs[consistent].append(upsample(truth[one], one))
             backend.take_delta()
         for consistent, high in highs.items() if finetuned else ():
             high = torch.cat(high)
