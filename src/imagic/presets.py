@@ -291,11 +291,12 @@ PRESETS: dict[str, EditConfig] = {
     # The ShapesWorld 2 cascade (docs/models/shapes2.md): `shapes` for the 32 px base but a
     # rate four times higher; the super-resolution stage fine-tuned on 32 px crops (it has no
     # self-attention, as in training), 200 steps of K = 8, in less time than 50 steps of K = 4
-    # on the whole image. Chosen on ShapesBench 2's tuning cases.
+    # on the whole image. Stage 3 without guidance, which moves the base's colours less, at
+    # η 0.7-1.1. Chosen on ShapesBench 2's tuning cases.
     "shapes2": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
-        finetune_lr=5e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.8, 0.9, 1.0, 1.1, 1.2),
-        seeds=(0,), guidance=1.5, sample_steps=50, start="inversion",
+        finetune_lr=5e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.7, 0.8, 0.9, 1.0, 1.1),
+        seeds=(0,), guidance=1.0, sample_steps=50, start="inversion",
         aux_finetune_steps=200, aux_finetune_lr=3e-4, aux_finetune_crop=32,
         aux_timesteps_per_step=8,
     ),
