@@ -68,6 +68,16 @@ def photo():
     return Image.fromarray(render(sample_scene(3)))
 
 
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/shapes2_sr_level.py, imported from its file."""
+    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
+    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def stage_weights(backend) -> dict[str, torch.Tensor]:
     return {f"{stage}/{k}": v.clone() for stage, unet in backend.stage_unets().items()
             for k, v in unet.state_dict().items()}
@@ -137,11 +147,7 @@ def test_the_super_resolution_stage_reads_its_conditioning_image(backend):
 
 
 def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage_back(
-        backend, monkeypatch):
-    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
-    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+        backend, monkeypatch, bench):
     outputs = []
     decode = backend.decode
     monkeypatch.setattr(backend, "decode", lambda x: outputs.append(x.clone()) or decode(x))
@@ -159,11 +165,7 @@ def test_the_sampling_level_benchmark_changes_only_the_level_and_gives_the_stage
 
 
 def test_the_sampling_level_benchmark_fine_tunes_the_stage_per_scene_and_gives_it_back(
-        backend, monkeypatch):
-    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
-    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+        backend, monkeypatch, bench):
     before = stage_weights(backend)
     tuned = []
     finetune = bench.finetune
@@ -181,13 +183,9 @@ def test_the_sampling_level_benchmark_fine_tunes_the_stage_per_scene_and_gives_i
 
 
 def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as_kept(
-        backend, monkeypatch):
+        backend, monkeypatch, bench):
     """The truth row's identity, pebbles and same objects: a stage that returned the true scene
     keeps them all in every image, and moves no object's colour."""
-    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
-    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     scenes = [scene for scene, _ in bench.evaluation_captions(3, 1)]
     truth = torch.cat([backend.encode_image(Image.fromarray(render(s)), SR_STAGE) for s in scenes])
     monkeypatch.setattr(backend, "upsample", lambda *args, **kwargs: truth)
