@@ -107,8 +107,7 @@ def measure(backend, samples: int, seed: int, levels: list[int], steps: int = 50
                                consistent=consistent,
                                seconds=round(time.perf_counter() - start, 1)))
             print(row_line(rows[-1]), flush=True)
-        stage.noise_level = own_level
-        highs = {False: [], True: []}
+        highs = {False: [], True: []}  # the truth rows left the stage at its own level
         for i, (scene, _) in enumerate(pairs[:finetuned]):
             x0 = backend.encode_image(Image.fromarray(render(scene)), SR_STAGE)
             one = slice(i, i + 1)

@@ -234,8 +234,8 @@ def resize(x: torch.Tensor, side: int) -> torch.Tensor:
 def keep_average(x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """x (N×C×H×W) changed by the least (per pixel, in the least-squares sense) so that its
     area average at `low`'s resolution is `low`: each block gets the difference added evenly."""
-    factor = x.shape[-1] // low.shape[-1]
-    return x + F.interpolate(low - F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
+    difference = low - resize(x, low.shape[-1])
+    return x + F.interpolate(difference, size=x.shape[-2:], mode="nearest")
 
 
 def crop(at: torch.Tensor, side: int, grid: int, *images: torch.Tensor) -> list[torch.Tensor]:
