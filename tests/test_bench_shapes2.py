@@ -5,6 +5,7 @@ cascade's methods, the ablation without the super-resolution fine-tune included,
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -64,6 +65,29 @@ def test_bench_on_a_cascade_runs_shapesbench_2_with_the_sr_ablation(cascade, tmp
     assert main(args) == 0  # finished cases are not redone
     with (out / "rows.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_shapesbench_2_runs_the_preset_as_an_edit_does_unless_told_otherwise(
+        cascade, tmp_path, capsys):
+    """Imagic and its ablations start where the model's preset starts (shapes2: the input's
+    inversion) at the preset's guidance; --start and --guidance change that."""
+    from imagic.presets import get_preset
+
+    preset = get_preset("shapes2")
+    args = ["bench", "shapes", "--model", str(cascade), "--cases", "1", "--seeds", "0",
+            "--embed-steps", "1", "--finetune-steps", "1", "--aux-finetune-steps", "1",
+            "--sample-steps", "2", "--eta", "1", "--methods", "imagic", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "preset")]) == 0
+    config = json.loads((tmp_path / "preset" / "run.json").read_text())["config"]
+    assert (config["start"], config["guidance"]) == (preset.start, preset.guidance)
+    assert main([*args, "--out", str(tmp_path / "paper"), "--start", "noise",
+                 "--guidance", "3"]) == 0
+    config = json.loads((tmp_path / "paper" / "run.json").read_text())["config"]
+    assert (config["start"], config["guidance"]) == ("noise", 3.0)
+    # imagic already starts from the inversion: the method that forces it would be a copy
+    args[-2] = "imagic,imagic-inversion"
+    assert main([*args, "--out", str(tmp_path / "twice")]) == 2
+    assert "imagic-inversion" in capsys.readouterr().err and not (tmp_path / "twice").exists()
 
 
 def test_the_sr_ablation_needs_a_cascade(tmp_path, capsys):

@@ -6,9 +6,11 @@ the target attribute reads as asked and the other three read as in the input; ba
 fidelity is PSNR and SSIM outside both objects. ShapesBench 2 (`bench/shapes2.py`) brings
 cases of ShapesWorld 2 to the same runner. Methods, all from the same seeds:
 
-- imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3);
-- imagic-inversion (only when asked for with --methods): the same stages 1–2, stage 3 started
-  from the input's DDIM inversion under θ' and e_opt instead of fresh noise
+- imagic: stages 1–2 once per (case, seed), then every η of the sweep (paper §3), stage 3
+  started where the recipe says (ShapesBench: fresh noise, the paper's; ShapesBench 2: the
+  preset's own start); the ablations start there too;
+- imagic-inversion (only when asked for with --methods, on a recipe that starts from noise):
+  the same stages 1–2, stage 3 started from the input's DDIM inversion under θ' and e_opt
   (`start="inversion"`, not in the paper; DDIM only), every η;
 - imagic-auto: the η that `--eta auto` picks from that sweep (:mod:`imagic.auto_eta`), scored
   like the others; compared with the oracle (the best η per case, knowing the answer);
@@ -61,8 +63,8 @@ CHOICES = {"colour": COLOURS, "size": SIZES, "shape": SHAPES, "position": POSITI
 ETAS = tuple(round(0.1 * i, 1) for i in range(13))  # 0, 0.1, ..., 1.2
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("imagic", "imagic-auto", "no-finetune", "no-embedding", "sdedit", "text-only")
-# The protocol's guidance, for every method: the model's training default (the `shapes` preset
-# edits at its own, lower, guidance from the inversion; `--guidance` changes it).
+# ShapesBench's protocol guidance, for every method: the model's training default (the `shapes`
+# preset edits at its own, lower, guidance from the inversion; `--guidance` changes it).
 GUIDANCE = 4.0
 # on request (--methods), so the runs made before it resume without re-fitting every case;
 # imagic-vp, imagic-attention and forget-STRATEGY re-render Imagic's session with Forgedit's
@@ -157,6 +159,10 @@ def check_settings(config: EditConfig, etas=ETAS, strengths=STRENGTHS, methods=M
     if "imagic-inversion" in methods and config.sampler != "ddim":
         raise InputError("imagic-inversion runs DDIM backwards from the input, so it samples "
                          "with ddim; drop it from --methods or use --sampler ddim")
+    if "imagic-inversion" in methods and config.start == "inversion":
+        raise InputError("imagic-inversion is Imagic started from the input's inversion, which "
+                         "is what imagic does with this recipe: drop it from --methods (or "
+                         "--start noise)")
 
 
 def method_names(methods, guidances: tuple[float, ...]) -> list[str]:
@@ -185,8 +191,7 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
     """The chosen methods on one (case, seed), at the config's guidance or at each of
     `guidances` (stages 1–2 fitted once for all of them)."""
     image, text = case.image(), case.text
-    # "imagic" is the paper's stage 3 (fresh noise), whatever the preset starts from
-    config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,), start="noise")
+    config = replace(config, seed=seed, etas=tuple(etas), seeds=(seed,))
     scales = guidances or (config.guidance,)
     rows = []
     # Imagic, auto-η, the inversion start and the ablations without (some) fine-tuning share
@@ -294,7 +299,7 @@ def run(backend, out: Path, cases: list, seeds, config: EditConfig, etas=ETAS,
         raise InputError("no-sr-finetune leaves a cascade's super-resolution stages as trained; "
                          "this model has none: drop it from --methods")
     out.mkdir(parents=True, exist_ok=True)
-    recipe = replace(config, etas=(1.0,), seeds=(0,), start="noise")  # as run_case runs it
+    recipe = replace(config, etas=(1.0,), seeds=(0,))  # as run_case runs it
     settings = {"scorer": SCORER, "etas": list(etas), "strengths": list(strengths),
                 "config": recipe.to_dict()}
     if guidances:

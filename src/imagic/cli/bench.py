@@ -67,13 +67,14 @@ def register(sub) -> None:
                              "forgetting, e.g. forget-decoderkv) and imagic-auto-forget (auto-η's "
                              "pick of η and forgetting): these re-render Imagic's session")
     shapes.add_argument("--guidance", dest="guidances", type=parse_floats,
-                        help="classifier-free guidance of every method (default 4, the model's "
-                             "training default); several (1,1.5,2) sample every method at each "
+                        help="classifier-free guidance of every method (default: 4 on "
+                             "ShapesBench, the model's training default; the preset's on "
+                             "ShapesBench 2); several (1,1.5,2) sample every method at each "
                              "from one fit, in rows named METHOD-gG")
     shapes.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     shapes.add_argument("--quiet", action="store_true", help="no progress bar")
     recipe_options(shapes, leave_out=("seed",))  # each bench seed is also its training seed
-    _sampling(shapes)
+    _sampling(shapes, leave_out=("guidance",))  # its own --guidance takes several
     shapes.set_defaults(func=cmd_shapes)
 
     ted = bench_sub.add_parser(
@@ -100,7 +101,7 @@ def register(sub) -> None:
                      help="save each fitted session under OUT/sessions/")
     ted.add_argument("--quiet", action="store_true", help="no progress bar")
     recipe_options(ted, leave_out=("seed",))
-    _sampling(ted, guidance=True)
+    _sampling(ted, leave_out=("start",))
     ted.set_defaults(func=cmd_tedbench)
 
     merge = bench_sub.add_parser(
@@ -141,11 +142,10 @@ def register(sub) -> None:
     score.set_defaults(func=cmd_score_edit)
 
 
-def _sampling(p, guidance: bool = False) -> None:
-    """Stage 3's sampler and steps (and, for TEdBench, guidance) as overrides of the preset."""
+def _sampling(p, leave_out: tuple[str, ...]) -> None:
+    """Stage 3's sampling options but those in `leave_out`, as overrides of the preset."""
     from .options import add_options
 
-    leave_out = ("start",) if guidance else ("start", "guidance")
     add_options(p, SAMPLING, leave_out)
 
 
@@ -161,19 +161,34 @@ def _recipe(args, preset: str | None, **fixed):
     return get_preset(args.preset or preset).with_options(low_memory=args.low_memory, **options)
 
 
+def _shapes_recipe(args, preset: str, protocol: bool):
+    """A ShapesBench run's recipe: `preset` (or --preset) with the options given. Where they are
+    silent, ShapesBench keeps its protocol (`protocol`: the paper's fresh noise at guidance 4;
+    imagic-inversion starts from the inversion) and ShapesBench 2 runs the preset as an edit
+    does, from its own start at its own guidance."""
+    from ..bench.shapes import GUIDANCE
+
+    fixed = {}
+    if args.guidances:
+        fixed["guidance"] = args.guidances[0]
+    elif protocol:
+        fixed["guidance"] = GUIDANCE
+    if protocol and args.start is None:
+        fixed["start"] = "noise"
+    return _recipe(args, preset, **fixed)
+
+
 def cmd_shapes(args) -> int:
     from ..backends import load_backend, require_family
     from ..bench import require_plotting, shapes, shapes2
-    from ..bench.shapes import ETAS, GUIDANCE, STRENGTHS, check_settings, run
+    from ..bench.shapes import ETAS, STRENGTHS, check_settings, run
     from ..errors import InputError
     from ..outputs import check_out_dir
 
     shapes.select_cases(args.cases, args.from_case)  # impossible ranges fail now
-    # the paper's fresh noise ("imagic" is the paper's stage 3; imagic-inversion starts from the
-    # inversion), at the protocol's guidance unless told otherwise
-    guidances = args.guidances or (GUIDANCE,)
-    config = _recipe(args, "shapes", start="noise", guidance=guidances[0])
+    config = _shapes_recipe(args, "shapes", protocol=True)
     etas, strengths = args.eta or ETAS, args.strengths or STRENGTHS
+    guidances = args.guidances or (config.guidance,)
     check_settings(config, etas, strengths, args.methods or shapes.METHODS,
                    guidances if len(guidances) > 1 else ())
     require_plotting()
@@ -191,7 +206,9 @@ def cmd_shapes(args) -> int:
         raise InputError("ShapesBench needs a ShapesWorld model (32 px; --held-out: a 128 px "
                          f"ShapesWorld 2 cascade); this one makes {backend.output_resolution} "
                          "px images")
-    config = _recipe(args, backend.default_preset, start="noise", guidance=guidances[0])
+    config = _shapes_recipe(args, backend.default_preset,
+                            protocol=backend.output_resolution == 32)
+    guidances = args.guidances or (config.guidance,)
     path = run(backend, out, cases, args.seeds, config, etas=etas, strengths=strengths,
                methods=methods, quiet=args.quiet, guidances=guidances)
     if not args.quiet:
