@@ -1,7 +1,7 @@
 """The augmentation level at which the ShapesWorld 2 cascade's super-resolution stage should
 sample, and how much of the model's text-to-image error is that stage's own.
 
-    .venv/bin/python benchmarks/shapes2_sr_level.py --model training/shapes2/model \
+    .venv/bin/python benchmarks/shapes2_sr_level.py --model imagic:shapes2-128 \
         --samples 100 --seed 1 --levels 0 25 50 100 --finetuned 20 --out /tmp/sr-level.json
 
 Imagen's super-resolution stages read the previous stage's image noised to an augmentation level

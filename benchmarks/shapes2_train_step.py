@@ -1,6 +1,6 @@
 """Speed of one ShapesWorld 2 cascade training step, eager against `torch.compile`, in one run.
 
-    .venv/bin/python benchmarks/shapes2_train_step.py --init-from training/shapes2/model \
+    .venv/bin/python benchmarks/shapes2_train_step.py --init-from src/imagic/assets/shapes2-128 \
         --steps 30 --out /tmp/train-step.json
 
 Each mode builds its own trainer as `imagic train-shapes --world 2` does (the device's default

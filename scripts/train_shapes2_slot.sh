@@ -6,7 +6,7 @@
 #     bash scripts/train_shapes2_slot.sh SLOT MINUTES
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
 # its training budget; FREEZE (e.g. unet,text_encoder) holds those models and trains the rest
-# (--freeze). The slot continues from the committed model in training/shapes2/model
+# (--freeze). The slot continues from the shipped model in src/imagic/assets/shapes2-128
 # when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
 # again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
 # $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
@@ -32,7 +32,7 @@ else  # the same set-up as ../shared/gpu/device_env.sh, where that folder did no
 fi
 RUN=$(mktemp -d)/run
 INIT=()
-[ -f training/shapes2/model/imagic_model.json ] && INIT=(--init-from training/shapes2/model)
+[ -f src/imagic/assets/shapes2-128/imagic_model.json ] && INIT=(--init-from src/imagic/assets/shapes2-128)
 [ -n "$FREEZE" ] && INIT+=(--freeze "$FREEZE")
 {
   if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi

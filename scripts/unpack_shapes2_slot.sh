@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# After a training slot: put its model and records into training/shapes2/ (to commit):
+# After a training slot: put its model into the package and its records into training/shapes2/
+# (to commit):
 #   scripts/unpack_shapes2_slot.sh FOLDER SLOT    (FOLDER: where the slot's $OUT files are)
-# The model replaces training/shapes2/model (the next slot starts from it); the log, samples and
-# evaluation are kept per slot.
+# The model replaces the shipped src/imagic/assets/shapes2-128 (the next slot starts from it); the log,
+# samples and evaluation are kept per slot.
 set -euo pipefail
 FROM=${1:?give the folder the slot files came back in}
 SLOT=${2:?give the slot number}
@@ -11,9 +12,10 @@ DEST=training/shapes2
 mkdir -p "$DEST"
 TMP=$(mktemp -d)
 cat "$FROM"/model.tar.part-* | tar -C "$TMP" -xf -
-rm -rf "$DEST/model" && mv "$TMP/model" "$DEST/model"
+MODEL=src/imagic/assets/shapes2-128
+rm -rf "$MODEL" && mv "$TMP/model" "$MODEL"
 cp "$FROM/train_log.jsonl" "$DEST/train_log-slot$SLOT.jsonl"
 cp "$FROM/samples.png" "$DEST/samples-slot$SLOT.png"
 cp "$FROM/eval.json" "$DEST/eval-slot$SLOT.json"
 cp "$FROM/run.txt" "$DEST/run-slot$SLOT.txt"
-ls -l "$DEST" "$DEST/model"
+ls -l "$DEST" "$MODEL"

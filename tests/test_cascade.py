@@ -485,3 +485,26 @@ def test_train_shapes_passes_freeze(monkeypatch):
     assert main(["train-shapes", "--world", "2", "--out", "x", "--resume",
                  "--freeze", "unet, text_encoder"]) == 0
     assert seen.pop("config").freeze == ("unet", "text_encoder")
+
+
+def test_the_shipped_cascade_loads_by_name_and_draws_what_its_caption_asks():
+    """`imagic:shapes2-128` ships in the package as safetensors (the package's models within
+    40 MB in all), loads offline by the name sessions record, edits with the shapes2 preset, and
+    samples a 128 px image that the detectors read as its caption."""
+    from imagic.backends.cascade import ASSETS, EMBEDDED_MODELS
+    from imagic.shapes2 import detect
+
+    files = [f for f in ASSETS.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 40e6
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert set(EMBEDDED_MODELS) == {"imagic:shapes-32", "imagic:shapes2-128"}
+    shipped = load_backend("imagic:shapes2-128", device="cpu")
+    assert shipped.identity["source"] == "imagic:shapes2-128"
+    assert shipped.default_preset == "shapes2" and shipped.output_resolution == 128
+    assert shipped.stages[SR_STAGE].consistent
+    cond, uncond = shipped.encode_text(["a large red circle in the middle"]), \
+        shipped.encode_text([""])
+    image = shipped.sample(cond, uncond, [torch.Generator().manual_seed(0)], 25, 1.0)[0]
+    found = detect(np.asarray(image.convert("RGB")))
+    assert [(t.kind, t.colour, t.size, t.position) for t in found.things] == [
+        ("circle", "red", "large", "middle")]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from imagic import Imagic, get_preset, load_backend
-from imagic.backends.cascade import EMBEDDED
+from imagic.backends.cascade import EMBEDDED_MODELS
 from imagic.cli import main
 from imagic.images import load_image
 from imagic.shapes import detect
@@ -25,9 +25,10 @@ def backend():
 
 
 def test_embedded_model_ships_small_and_loads_as_the_default(backend):
-    size = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file())
+    folder = EMBEDDED_MODELS["imagic:shapes-32"]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 20e6
-    assert not list(EMBEDDED.rglob("*.bin")) and not list(EMBEDDED.rglob("*.pt"))
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
     assert backend.family == "pixel-cascade" and backend.resolution == 32
     assert backend.default_preset == "shapes" and backend.identity["source"] == "imagic:shapes-32"
 

@@ -18,7 +18,7 @@ from imagic.cli import main  # noqa: E402
 from imagic.cli.ui import is_loopback  # noqa: E402
 from imagic.session import EditSession  # noqa: E402
 from imagic.ui import Studio  # noqa: E402
-from imagic.ui.page import error, recipe_options  # noqa: E402
+from imagic.ui.page import error, recipe_options, shipped_examples  # noqa: E402
 from imagic.ui.studio import Cancelled  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "large-red-circle-top-left.png"
@@ -213,3 +213,20 @@ def test_imagic_ui_refuses_bad_options_in_one_line(capsys):
 def test_only_loopback_hosts_count_as_this_machine():
     assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
     assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.4", "example.org", "::"]))
+
+
+def test_the_page_offers_the_examples_of_the_model_s_world(backend):
+    """The 32 px model gets ShapesWorld's examples; a 128 px ShapesWorld 2 cascade gets its own,
+    each with the text of its edit (the cat that sits, the object removed, the one added)."""
+    from types import SimpleNamespace
+
+    assert [Path(path).name for path, _ in shipped_examples(backend)] == [
+        "large-red-circle-top-left.png", "small-yellow-square-center.png",
+        "large-green-triangle-bottom-right.png"]
+    cascade = shipped_examples(SimpleNamespace(output_resolution=128))
+    assert [(Path(path).name, text) for path, text in cascade] == [
+        ("purple-cat-standing.png", "a large purple cat sitting on the right"),
+        ("triangle-and-cat.png", "a small purple cat standing on the right"),
+        ("green-triangle.png", "a small green triangle on the left and a small red circle on "
+                               "the right")]
+    assert all(Path(path).is_file() for path, _ in cascade)

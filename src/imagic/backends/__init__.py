@@ -60,24 +60,24 @@ def load_backend(
     config: str | None = None,
     revision: str | None = None,
 ) -> Backend:
-    """Load a model: None (or "imagic:shapes-32", as sessions record it) for the embedded
-    ShapesWorld model; else an imagic model folder, a Stable Diffusion hub id, diffusers folder
-    or .safetensors file.
+    """Load a model: None for the embedded default (ShapesWorld, "imagic:shapes-32"), a name of
+    EMBEDDED_MODELS for a model shipped in the package ("imagic:shapes2-128": the ShapesWorld 2
+    cascade), as sessions record them; else an imagic model folder, a Stable Diffusion hub id,
+    diffusers folder or .safetensors file.
 
     `config` is the diffusers folder whose configs describe a single-file checkpoint; offline, a
     single file needs it.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    from .cascade import EMBEDDED, EMBEDDED_SOURCE, is_pixel_model, load_pixel_model
+    from .cascade import EMBEDDED_MODELS, EMBEDDED_SOURCE, is_pixel_model, load_pixel_model
 
-    if model is None or model == EMBEDDED_SOURCE:  # the ShapesWorld model shipped in the package
-        if not is_pixel_model(EMBEDDED):
-            raise ModelError(
-                "the embedded default model is missing from this install; "
-                "reinstall imagic or pass --model"
-            )
-        return load_pixel_model(EMBEDDED, torch_device, torch_dtype, source=EMBEDDED_SOURCE)
+    model = EMBEDDED_SOURCE if model is None else model
+    if model in EMBEDDED_MODELS:  # a ShapesWorld model shipped in the package
+        if not is_pixel_model(EMBEDDED_MODELS[model]):
+            raise ModelError(f"the embedded model {model} is missing from this install; "
+                             "reinstall imagic or pass --model")
+        return load_pixel_model(EMBEDDED_MODELS[model], torch_device, torch_dtype, source=model)
     if Path(model).is_dir() and is_pixel_model(Path(model)):
         return load_pixel_model(model, torch_device, torch_dtype)
     from .deepfloyd_if import is_deepfloyd_if, load_deepfloyd_if

@@ -38,8 +38,11 @@ from .base import TextCond
 from .diffusers_unet import UNetBackend, make_sampler, weights_fingerprint
 
 MODEL_FILE = "imagic_model.json"
-EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "shapes-32"
-EMBEDDED_SOURCE = "imagic:shapes-32"  # how sessions name the embedded model (no path: it moves)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# the models shipped in the package, by the name sessions record (no path: it moves)
+EMBEDDED_MODELS = {"imagic:shapes-32": ASSETS / "shapes-32",
+                   "imagic:shapes2-128": ASSETS / "shapes2-128"}
+EMBEDDED_SOURCE = "imagic:shapes-32"  # the default model: `--model` not given
 
 
 @dataclass

@@ -82,7 +82,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def model_options(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     """Which model to load, and where it runs."""
     if with_model:
-        p.add_argument("--model", help="hub id, diffusers folder, or .safetensors file")
+        p.add_argument("--model", help="hub id, diffusers folder, or .safetensors file; "
+                                       "imagic:shapes2-128 for the shipped ShapesWorld 2 "
+                                       "cascade (default: the embedded imagic:shapes-32)")
     p.add_argument("--config", help="diffusers folder with the configs of a single-file model "
                                     "(needed offline)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")

@@ -109,10 +109,21 @@ def render_seeds(text: str, render: Render | None) -> list[int]:
 # --------------------------------------------------------------------------- the page
 
 
+def shipped_examples(backend) -> list[list[str]]:
+    """The shipped examples of the model's world, each [image path, target text]: ShapesWorld 2's
+    for a 128 px model (each with its own edit), ShapesWorld's otherwise."""
+    texts = EXAMPLE_TEXTS
+    if backend.output_resolution == 128:
+        from ..shapes2.world import EXAMPLES, caption, example_scenes
+
+        texts = {f"{name}.png": caption(example_scenes(name)[1]) for name in EXAMPLES}
+    return [[str(EXAMPLES_DIR / name), text] for name, text in texts.items()
+            if (EXAMPLES_DIR / name).is_file()]
+
+
 def build_page(studio: Studio) -> gr.Blocks:
     """The one page of `imagic ui`."""
-    examples = [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLE_TEXTS.items()
-                if (EXAMPLES_DIR / name).is_file()]
+    examples = shipped_examples(studio.backend)
     base = studio.preset_values(None)
 
     with gr.Blocks(title="imagic") as page:
