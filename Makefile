@@ -1,5 +1,6 @@
 # Set-up and everyday commands. Everything runs inside .venv, made on first use.
-#   make edit   - install, then edit an example image with the embedded default model (offline)
+#   make edit   - install, then edit an example image with the shipped ShapesWorld 2 cascade
+#                 (offline): the standing cat made to sit
 #   make test   - install with the test tools, then run the test suite
 # TORCH picks the PyTorch build: by default torch==2.13.0 as pip finds it (from PyPI on Linux,
 # the CUDA build); a CPU-only or a given CUDA build, e.g.
@@ -9,8 +10,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-IMAGE ?= examples/large-red-circle-top-left.png
-TEXT ?= a large blue circle at the top left
+IMAGE ?= examples/purple-cat-standing.png
+TEXT ?= a large purple cat sitting on the right
+MODEL ?= imagic:shapes2-128
 OUT ?= imagic-out
 BIN := $(VENV)/bin
 
