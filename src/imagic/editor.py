@@ -199,7 +199,8 @@ def generate(
     """Stage 3: sample with θ' = θ + delta at ē(η) for every (seed, η), in batches.
 
     Image (seed, η) starts from noise drawn by a generator seeded with `seed` alone, so the same
-    seed gives the same starting noise at every η, and batching never changes a picture. With
+    seed gives the same starting noise at every η and in any batch (the arithmetic of another
+    batch size can still move a pixel by a level; the same request renders bit for bit). With
     start "inversion" every image starts from x_T, the input's DDIM inversion under θ' and
     e_opt, instead (not in the paper). `stage3` overrides the session's STAGE3_OPTIONS (None:
     the session's); forgetting applies to θ' before anything is sampled or inverted, and
