@@ -68,14 +68,18 @@ def photo():
     return Image.fromarray(render(sample_scene(3)))
 
 
-@pytest.fixture(scope="module")
-def bench():
-    """benchmarks/shapes2_sr_level.py, imported from its file."""
-    path = Path(__file__).parents[1] / "benchmarks" / "shapes2_sr_level.py"
-    spec = importlib.util.spec_from_file_location("shapes2_sr_level", path)
+def benchmark(name: str):
+    """benchmarks/NAME.py, imported from its file."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return benchmark("shapes2_sr_level")
 
 
 def stage_weights(backend) -> dict[str, torch.Tensor]:
@@ -192,6 +196,29 @@ def test_the_sampling_level_benchmark_reads_a_stage_that_gives_the_scene_back_as
     row = bench.measure(backend, samples=3, seed=1, levels=[], steps=2)[-1]
     assert (row["source"], row["all_correct"], row["identity"], row["pebbles"],
             row["same_objects"], row["colour_shift"]) == ("truth", 1.0, 1.0, 1.0, 1.0, 0.0)
+
+
+def test_the_stage_start_benchmark_upsamples_the_same_base_images_from_noise_and_inversion(
+        backend, monkeypatch):
+    """benchmarks/shapes2_sr_start.py: per case and η, the stage reads the same base images
+    twice, started from noise and from its inversion of the input, and nothing else differs."""
+    start_bench = benchmark("shapes2_sr_start")
+    upsample, calls = PixelCascadeBackend.upsample, []
+
+    def spy(self, stage, low, *args, start=None, **kwargs):
+        calls.append((low.clone(), start))
+        return upsample(self, stage, low, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(PixelCascadeBackend, "upsample", spy)
+    recipe = RECIPE.with_options(start="inversion", seeds=(0,))
+    rows = start_bench.measure(backend, 1, [0.5, 1.0], config=recipe)
+    assert [(r["case"], r["start"], r["eta"]) for r in rows] == [
+        (0, "noise", 0.5), (0, "noise", 1.0), (0, "inversion", 0.5), (0, "inversion", 1.0)]
+    (low_noise, from_noise), (low_inverted, from_inversion) = calls
+    assert torch.equal(low_noise, low_inverted) and from_noise is None
+    assert np.array_equal(np.asarray(from_inversion), np.asarray(start_bench.select_cases(1)[0]
+                                                                 .image()))
+    assert all(isinstance(r[k], bool) for r in rows for k in start_bench.VERDICTS)
 
 
 def test_keep_average_moves_each_block_evenly_to_the_given_average():
@@ -315,6 +342,43 @@ def test_the_super_resolution_stage_trains_and_samples_on_e_tgt(backend, photo, 
     monkeypatch.setattr(PixelCascadeBackend, "upsample", spy_upsample)
     editor.generate(session, etas=[0.0], seeds=[0])
     torch.testing.assert_close(conds[0], session.e_tgt.hidden_states, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start", ["noise", "inversion"])
+def test_an_inversion_start_starts_the_super_resolution_stage_from_the_input(
+        backend, photo, monkeypatch, start):
+    """With start "inversion" the base starts from the input's inversion and so does every
+    super-resolution stage, each from its own (the paper's start, noise, gives it none)."""
+    editor = Imagic(backend, RECIPE, quiet=True)
+    session = editor.fit(photo, TEXT)
+    upsample, starts = PixelCascadeBackend.upsample, []
+
+    def spy(self, *args, start=None, **kwargs):
+        starts.append(start)
+        return upsample(self, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(PixelCascadeBackend, "upsample", spy)
+    editor.generate(session, etas=[0.5, 1.0], seeds=[0], start=start)
+    assert starts == [session.input_image if start == "inversion" else None]
+
+
+def test_a_stage_started_from_its_inversion_gives_the_input_back_where_nothing_changed():
+    """Sampled beside the input's own 32 px image, the shipped stage started from its inversion
+    of the input gives back the input's fine detail (its pebbles, markings, texture) far
+    closer than one started from noise, which redraws it."""
+    shipped = load_backend("imagic:shapes2-128", device="cpu")
+    image = Image.fromarray(render(sample_scene(0)))
+    x0, low = shipped.encode_image(image, SR_STAGE), shipped.encode_image(image)
+    cond, uncond = shipped.encode_text([TEXT]), shipped.encode_text([""])
+
+    def error(start):
+        out = shipped.upsample(SR_STAGE, low, cond, uncond, [torch.Generator().manual_seed(0)],
+                               10, start=start)
+        return (out - x0).abs().flatten()
+
+    inverted, redrawn = error(image), error(None)
+    assert inverted.mean() < 0.6 * redrawn.mean()
+    assert inverted.quantile(0.99) < 0.5 * redrawn.quantile(0.99)
 
 
 def test_the_super_resolution_stage_fine_tunes_on_crops_that_read_only_their_own_pixels(

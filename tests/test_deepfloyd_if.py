@@ -232,6 +232,28 @@ def test_edit_gives_every_weight_back_and_re_renders_bit_for_bit(backend, photo,
                for a, b in zip(images, again))
 
 
+def test_an_inversion_start_starts_if_ii_from_its_own_inversion_of_the_input(backend, photo,
+                                                                           monkeypatch):
+    """With start "inversion", IF-II starts from the input run up its own schedule (its
+    sampler config, beside the input's 64 px image), not from noise, and renders the same
+    pictures again."""
+    editor = Imagic(backend, RECIPE, quiet=True)
+    session = editor.fit(photo, TEXT)
+    inversions = []
+    stage_inversion = DeepFloydIFBackend.stage_inversion
+
+    def spy(self, stage, image, *args):
+        inversions.append((stage, image, args[-1]))
+        return stage_inversion(self, stage, image, *args)
+
+    monkeypatch.setattr(DeepFloydIFBackend, "stage_inversion", spy)
+    first = editor.generate(session, etas=[0.5, 1.0], seeds=[0], start="inversion")
+    assert inversions == [(SR_STAGE, session.input_image, backend.sr_sampler_config)]
+    again = editor.generate(session, etas=[0.5, 1.0], seeds=[0], start="inversion")
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image))
+               for a, b in zip(first, again))
+
+
 def test_cli_edit_runs_both_stages_and_generate_re_renders_it(models, photo_path, tmp_path):
     out = tmp_path / "out"
     assert main(["edit", str(photo_path), TEXT, "--model", str(models / "IF-I-tiny"),

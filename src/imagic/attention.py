@@ -176,7 +176,7 @@ def batches(jobs: Sequence[tuple[int, float]], sample_batch: int) -> list[list]:
 
 
 def sample(backend, jobs: Sequence[tuple[int, float]], e_tgt: TextCond, e_opt: TextCond,
-           uncond: TextCond, config, x_start=None) -> list:
+           uncond: TextCond, config, x_start=None, stage_start=None) -> list:
     """Stage 3 with attention interpolation for `jobs` ((seed, η) pairs): one image per job.
 
     Every seed of `jobs` gets two rows, its e_opt and e_tgt branches, started from the same
@@ -210,5 +210,6 @@ def sample(backend, jobs: Sequence[tuple[int, float]], e_tgt: TextCond, e_opt: T
             TextCond.cat(conds), uncond, generators, config.sample_steps, config.guidance,
             sampler=config.sampler, x_start=x_start,
             stage_conds=TextCond.cat([e_tgt] * len(conds)),  # super-resolution: e_tgt
+            stage_start=stage_start,
         )
     return [images[i] for i in picked]

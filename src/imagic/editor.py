@@ -202,7 +202,8 @@ def generate(
     seed gives the same starting noise at every η and in any batch (the arithmetic of another
     batch size can still move a pixel by a level; the same request renders bit for bit). With
     start "inversion" every image starts from x_T, the input's DDIM inversion under θ' and
-    e_opt, instead (not in the paper). `stage3` overrides the session's STAGE3_OPTIONS (None:
+    e_opt, instead, and a cascade's super-resolution stages each from their own inversion of
+    the input at e_tgt (not in the paper). `stage3` overrides the session's STAGE3_OPTIONS (None:
     the session's); forgetting applies to θ' before anything is sampled or inverted, and
     forget "auto" renders every (seed, η) once per strategy of forgetting.candidates.
     """
@@ -235,31 +236,34 @@ def generate(
     for strategy in strategies:
         with backend.apply_delta(forget(backend, session.delta, strategy,
                                         config.forget_strength)):
-            x_start = None
+            x_start, stage_start = None, None
             if config.start == "inversion":  # x_T such that DDIM at e_opt gives the input back
                 x0 = backend.encode_image(session.input_image)
                 x_start = backend.invert(x0, e_opt, config.sample_steps)
+                stage_start = session.input_image  # each SR stage inverts it at e_tgt
             for chunk in chunks:
                 results += [EditImage(eta, seed, image, strategy) for (seed, eta), image in
                             zip(chunk, sample(backend, chunk, e_tgt, e_opt, uncond, config,
-                                              x_start))]
+                                              x_start, stage_start))]
                 bar.update(len(chunk))
     bar.close()
     return results
 
 
 def sample(backend: Backend, jobs, e_tgt: TextCond, e_opt: TextCond, uncond: TextCond, config,
-           x_start=None) -> list[Image.Image]:
+           x_start=None, stage_start=None) -> list[Image.Image]:
     """One image per (seed, η) of `jobs`, mixed as config.interpolation says, under the
     weights the backend has now."""
     if config.interpolation == "attention":
-        return attention.sample(backend, jobs, e_tgt, e_opt, uncond, config, x_start)
+        return attention.sample(backend, jobs, e_tgt, e_opt, uncond, config, x_start,
+                                stage_start)
     mix = INTERPOLATE[config.interpolation]
     return backend.sample(
         TextCond.cat([mix(e_tgt, e_opt, eta) for _, eta in jobs]), uncond,
         [torch.Generator("cpu").manual_seed(seed) for seed, _ in jobs],
         config.sample_steps, config.guidance, sampler=config.sampler, x_start=x_start,
         stage_conds=TextCond.cat([e_tgt] * len(jobs)),  # super-resolution: e_tgt
+        stage_start=stage_start,
     )
 
 

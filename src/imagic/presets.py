@@ -61,8 +61,9 @@ class EditConfig:
     sampler: str = "ddim"  # "ddim" (the paper's) or "dpm++" (DPM-Solver++ 2M, fewer steps)
     sample_batch: int = 8  # images per sampling call
     # "noise": fresh noise per seed (the paper); "inversion": the input itself run up the noise
-    # schedule by DDIM under θ' and e_opt, so every η starts from the input's own noise and keeps
-    # its details (not in the paper; one image per η, so one seed, and DDIM only)
+    # schedule by DDIM under θ' and e_opt (a cascade's super-resolution stages: each its own, at
+    # e_tgt), so every η starts from the input's own noise and keeps its details (not in the
+    # paper; one image per η, so one seed, and DDIM only)
     start: str = "noise"
     # "linear": the paper's ē = η·e_tgt + (1−η)·e_opt; "vp": Forgedit's vector projection,
     # e_opt plus η times the part of e_tgt orthogonal to it (editor.vector_projection);
@@ -292,7 +293,8 @@ PRESETS: dict[str, EditConfig] = {
     # rate four times higher; the super-resolution stage fine-tuned on 32 px crops (it has no
     # self-attention, as in training), 200 steps of K = 8, in less time than 50 steps of K = 4
     # on the whole image. Stage 3 without guidance, which moves the base's colours less, at
-    # η 0.7-1.1. Chosen on ShapesBench 2's tuning cases.
+    # η 0.7-1.1, each stage from its own inversion of the input. Chosen on ShapesBench 2's
+    # tuning cases.
     "shapes2": EditConfig(
         embed_steps=100, embed_lr=1.25e-2 * math.sqrt(4), finetune_steps=150,
         finetune_lr=5e-5 * math.sqrt(4), timesteps_per_step=4, etas=(0.7, 0.8, 0.9, 1.0, 1.1),

@@ -196,6 +196,7 @@ class Backend(Protocol):
         sampler: str = "ddim",
         x_start: torch.Tensor | None = None,
         stage_conds: TextCond | None = None,
+        stage_start: Image.Image | None = None,
     ) -> list[Image.Image]:
         """Stage 3: one image per row of `conds`, classifier-free guided against `uncond`; the
         initial noise of image i comes from `generators[i]` alone, so batching never changes it.
@@ -206,7 +207,8 @@ class Backend(Protocol):
         noise) and run that last part of the schedule. With `x_start` (from `invert`), every
         image starts there instead of from the generators' noise. A cascade then runs its
         super-resolution stages conditioned on `stage_conds` (the paper: e_tgt; None: `conds`),
-        from more noise drawn from the same generators; other families ignore it."""
+        from more noise drawn from the same generators, or with `stage_start` (the input image)
+        each from its own DDIM inversion of it; other families ignore both."""
 
     def sample_steps_fit(self, steps: int, sampler: str) -> bool:
         """Whether `sampler` can take `steps` steps on the model's noise schedule (every

@@ -8,7 +8,10 @@ first noised to an augmentation level that the UNet also reads ("noise condition
 augmentation"), so the stage learns to ignore the previous stage's artefacts. Every stage reads
 the same text encoder. The engine fine-tunes each super-resolution stage on the input at its
 resolution, conditioned on e_tgt, as the paper does (§3.1), and stage 3 samples the base at ē and
-then every super-resolution stage at e_tgt.
+then every super-resolution stage at e_tgt. An edit that starts from the input's inversion
+starts every stage from its own: the base's under e_opt, each super-resolution stage's under
+e_tgt beside the input's own lower-resolution image, so each keeps the input's detail at its
+scale wherever the edit leaves the image.
 
 A stage marked "consistent" gives back the image it was given: at every sampling step its
 predicted clean image is corrected so that, area-averaged to the previous stage's resolution, it
@@ -177,35 +180,55 @@ class PixelCascadeBackend(UNetBackend):
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0, sampler="ddim", x_start=None, stage_conds=None):
+               strength=1.0, sampler="ddim", x_start=None, stage_conds=None, stage_start=None):
         """The base at `conds` (SDEdit and inversion starts apply to it), then every
         super-resolution stage at `stage_conds` (the paper: e_tgt; default `conds`), each from
-        fresh noise drawn from the same per-image generators."""
+        fresh noise drawn from the same per-image generators, or from its own inversion of
+        the image `stage_start`."""
         x = self.sample_base(conds, uncond, generators, steps, guidance, progress, x0,
                              strength, sampler, x_start)
         for name in self.stages:
             x = self.upsample(name, x.clamp(-1, 1), stage_conds or conds, uncond, generators,
-                              steps, sampler, progress)
+                              steps, sampler, progress, start=stage_start)
         return self.decode(x)
 
     @torch.no_grad()
     def upsample(self, stage: str, low: torch.Tensor, conds: TextCond, uncond: TextCond,
-                 generators, steps: int, sampler: str = "ddim",
-                 progress: bool = False) -> torch.Tensor:
-        """One super-resolution stage: `low` (the previous stage's images) → this stage's."""
+                 generators, steps: int, sampler: str = "ddim", progress: bool = False,
+                 start: Image.Image | None = None) -> torch.Tensor:
+        """One super-resolution stage: `low` (the previous stage's images) → this stage's,
+        from fresh noise or from the stage's inversion of the image `start`."""
         sr = self.stages[stage]
         side, n = sr.resolution, len(generators)
         noise = torch.cat([torch.randn((1, 3, side, side), generator=g) for g in generators])
         low_noise = torch.cat([torch.randn((1, *low.shape[1:]), generator=g)
-                               for g in generators])
+                               for g in generators]).to(self.device)
         level = torch.full((n,), sr.noise_level, dtype=torch.long, device=self.device)
-        extra = self.conditioning(stage, low, level, low_noise.to(self.device))
+        extra = self.conditioning(stage, low, level, low_noise)
         scheduler = make_sampler(sampler, self.sampler_config)
         scheduler.set_timesteps(min(steps, sr.sample_steps), device=self.device)
-        x = noise.to(self.device) * scheduler.init_noise_sigma
+        if start is None:
+            x = noise.to(self.device) * scheduler.init_noise_sigma
+        else:
+            x = self.stage_inversion(stage, start, conds, level, low_noise,
+                                     len(scheduler.timesteps))
         correct = (lambda x0: keep_average(x0, low)) if sr.consistent else None
         return self.denoise(stage, scheduler, x, scheduler.timesteps, conds, uncond,
                             sr.guidance, progress, extra, correct)
+
+    def stage_inversion(self, stage: str, image: Image.Image, conds: TextCond,
+                        level: torch.Tensor, low_noise: torch.Tensor, steps: int,
+                        sampler_config: dict | None = None) -> torch.Tensor:
+        """x_T of `stage` for every row of `conds`: `image` at the stage's resolution run up
+        its schedule by DDIM, beside its own previous-resolution image noised by `low_noise`
+        to `level` (what sampling then reads, but for the image), without guidance. Sampled
+        beside that same image, the stage gives `image` back up to the discretisation; beside
+        an edited one, it keeps the input's fine detail where the edit leaves the image."""
+        n = level.shape[0]
+        x0 = self.encode_image(image, stage)
+        low = resize(x0, self._previous_resolution(stage))  # as the stage trains on it
+        extra = self.conditioning(stage, low.expand(n, -1, -1, -1), level, low_noise)
+        return self.invert(x0.expand(n, -1, -1, -1), conds, steps, stage, extra, sampler_config)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()

@@ -141,10 +141,11 @@ class DeepFloydIFBackend(PixelCascadeBackend):
 
     @torch.no_grad()
     def upsample(self, stage, low, conds, uncond, generators, steps, sampler="ddim",
-                 progress=False):
-        """IF-II: `low` (IF-I's images) → 256 px, on IF-II's own sampler config. Per image, its
-        generator draws the starting noise, then the conditioning image's noise, in the order
-        IFSuperResolutionPipeline draws them."""
+                 progress=False, start=None):
+        """IF-II: `low` (IF-I's images) → 256 px, on IF-II's own sampler config, from noise or
+        from its inversion of the image `start`. Per image, its generator draws the starting
+        noise, then the conditioning image's noise, in the order IFSuperResolutionPipeline
+        draws them."""
         sr = self.stages[stage]
         shape = (1, self.channels, sr.resolution, sr.resolution)
         noise, image_noise = [], []
@@ -153,10 +154,15 @@ class DeepFloydIFBackend(PixelCascadeBackend):
             image_noise.append(torch.randn(shape, generator=g))
         level = torch.full((len(generators),), sr.noise_level, dtype=torch.long,
                            device=self.device)
-        extra = self.conditioning(stage, low, level, torch.cat(image_noise).to(self.device))
+        image_noise = torch.cat(image_noise).to(self.device)
+        extra = self.conditioning(stage, low, level, image_noise)
         scheduler = make_sampler(sampler, self.sr_sampler_config)
         scheduler.set_timesteps(min(steps, sr.sample_steps), device=self.device)
-        x = torch.cat(noise).to(self.device) * scheduler.init_noise_sigma
+        if start is None:
+            x = torch.cat(noise).to(self.device) * scheduler.init_noise_sigma
+        else:
+            x = self.stage_inversion(stage, start, conds, level, image_noise,
+                                     len(scheduler.timesteps), self.sr_sampler_config)
         return self.denoise(stage, scheduler, x, scheduler.timesteps, conds, uncond,
                             sr.guidance, progress, extra)
 

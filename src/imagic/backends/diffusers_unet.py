@@ -314,7 +314,7 @@ class UNetBackend:
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0, sampler="ddim", x_start=None, stage_conds=None):
+               strength=1.0, sampler="ddim", x_start=None, stage_conds=None, stage_start=None):
         return self.decode(self.sample_base(conds, uncond, generators, steps, guidance, progress,
                                             x0, strength, sampler, x_start))
 
@@ -396,13 +396,16 @@ class UNetBackend:
                 and len(set(timesteps)) == len(timesteps))
 
     @torch.no_grad()
-    def invert(self, x0, cond, steps):
+    def invert(self, x0, cond, steps, stage="base", extra=(), sampler_config=None):
+        """DDIM inversion of x0 on `stage` (a cascade's super-resolution stage reads `extra`
+        beside x_t, and may keep its own `sampler_config`; default: the model's)."""
         from diffusers import DDIMInverseScheduler
 
         self._settle()
+        config = self.sampler_config if sampler_config is None else sampler_config
         accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters
         scheduler = DDIMInverseScheduler.from_config(  # the model's schedule, run upwards
-            {k: v for k, v in self.sampler_config.items() if k in accepted})
+            {k: v for k, v in config.items() if k in accepted})
         try:
             scheduler.set_timesteps(steps, device=self.device)
         except ValueError as err:  # e.g. timestep_spacing "linspace", which it does not run
@@ -411,7 +414,7 @@ class UNetBackend:
         x = x0.to(self.device, torch.float32)
         for t in scheduler.timesteps:
             with self._autocast():
-                prediction = self.predict("base", x, t, cond)
+                prediction = self.predict(stage, x, t, cond, extra)
             x = scheduler.step(prediction.float(), t, x).prev_sample
         return x
 

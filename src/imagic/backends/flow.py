@@ -191,7 +191,7 @@ class FlowBackend(UNetBackend):
 
     @torch.no_grad()
     def sample(self, conds, uncond, generators, steps, guidance, progress=False, x0=None,
-               strength=1.0, sampler="ddim", x_start=None, stage_conds=None):
+               strength=1.0, sampler="ddim", x_start=None, stage_conds=None, stage_start=None):
         """Euler steps of the flow ODE from σ = 1 to 0 (FlowMatchEulerDiscreteScheduler's step).
         Both samplers run it: Euler is what DDIM is on a rectified flow, and "dpm++" has no
         flow form here (a warning says so once)."""
