@@ -61,7 +61,10 @@ def test_bench_on_a_cascade_runs_shapesbench_2_with_the_sr_ablation(cascade, tmp
     assert len(rows) == 5 * (2 + 2 + 1)
     assert all(r["identity"] in ("0", "1") for r in rows)
     summary = (out / "summary.md").read_text()
+    assert summary.startswith("# ShapesBench 2: 5 cases × 1 seeds")
     assert "| pose | no-sr-finetune |" in summary and "| remove | sdedit |" in summary
+    # success needs identity here: the summary shows it beside the success it gates
+    assert "| identity kept |" in summary and "| success (all three) |" in summary
     assert main(args) == 0  # finished cases are not redone
     with (out / "rows.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)

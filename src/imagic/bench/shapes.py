@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -343,7 +344,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def param_curves(rows) -> dict:
-    """(kind, method) → {param: (success rate, mean PSNR, mean SSIM, n, pebbles-kept rate)}."""
+    """(kind, method) → {param: (success rate, mean PSNR, mean SSIM, n, pebbles-kept rate,
+    identity-kept rate or None for ShapesBench's rows)}."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["kind"], r["method"], r["param"])].append(r)
@@ -355,6 +357,7 @@ def param_curves(rows) -> dict:
             float(np.mean([g["ssim"] for g in group])),
             len(group),
             float(np.mean([g["pebbles"] for g in group])),
+            float(np.mean([g["identity"] for g in group])) if "identity" in group[0] else None,
         )
     return curves
 
@@ -377,13 +380,15 @@ def eta_table(rows, method: str = "imagic") -> str:
         return [f"{100 * np.mean([r[key] for r in by_eta[e]]):.0f}%" for e in etas]
 
     param = "strength" if method == "sdedit" else "η"
+    world2 = "identity" in rows[0]  # ShapesBench 2: success also needs every identity kept
     return "\n".join([
         f"{method} along {param}, all kinds ({len(by_eta[etas[0]])} outputs per column).", "",
         line(param, [f"{e:g}" for e in etas]),
         line("---", ["---"] * len(etas)),
         line("target attribute read", rate("target")),
         line("other attributes kept", rate("kept")),
-        line("success (both)", rate("success")),
+        *([line("identity kept", rate("identity"))] if world2 else []),
+        line("success (all three)" if world2 else "success (both)", rate("success")),
         line("pebbles kept", rate("pebbles")),
         line("background SSIM", [f"{np.mean([r['ssim'] for r in by_eta[e]]):.3f}" for e in etas]),
         line("background PSNR (dB)",
@@ -397,12 +402,13 @@ def summary(rows) -> str:
     curves = param_curves(rows)
     cases = len({r["case"] for r in rows})
     seeds = len({r["seed"] for r in rows})
-    lines = [f"# ShapesBench: {cases} cases × {seeds} seeds", "",
+    world2 = "identity" in rows[0]
+    lines = [f"# ShapesBench{' 2' if world2 else ''}: {cases} cases × {seeds} seeds", "",
              "Best parameter per method (η for imagic, its variants and no-finetune, "
-             "strength for sdedit).", "",
+             "strength for sdedit); ± is the binomial standard error over its outputs.", "",
              "| kind | method | best param | success | background PSNR (dB) | SSIM | pebbles kept "
-             "| outputs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"|{' identity kept |' if world2 else ''} outputs |",
+             f"| --- | --- | --- | --- | --- | --- | --- |{' --- |' if world2 else ''} --- |"]
     present = dict.fromkeys(r["method"] for r in rows)
     bases = ("imagic", "imagic-inversion", "imagic-vp", "imagic-attention",
              *(m for m in OPTIONAL_METHODS if m.startswith("forget-")), "no-finetune",
@@ -413,10 +419,12 @@ def summary(rows) -> str:
             curve = curves.get((kind, method))
             if not curve:
                 continue
-            param, (success, psnr, ssim, n, pebbles) = max(
+            param, (success, psnr, ssim, n, pebbles, identity) = max(
                 curve.items(), key=lambda kv: (kv[1][0], kv[1][1]))
-            lines.append(f"| {kind} | {method} | {param:g} | {100 * success:.1f}% | {psnr:.2f} | "
-                         f"{ssim:.3f} | {100 * pebbles:.0f}% | {n} |")
+            error = 100 * math.sqrt(success * (1 - success) / n)
+            kept = f" {100 * identity:.0f}% |" if world2 else ""
+            lines.append(f"| {kind} | {method} | {param:g} | {100 * success:.1f}% ± {error:.1f} | "
+                         f"{psnr:.2f} | {ssim:.3f} | {100 * pebbles:.0f}% |{kept} {n} |")
     for method in methods:  # along η: Imagic, and each guidance scale's Imagic
         if method == "imagic" or method.startswith(("imagic-g", "imagic-inversion-g")):
             lines += ["", eta_table(rows, method)]
