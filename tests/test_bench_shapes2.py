@@ -99,3 +99,32 @@ def test_the_sr_ablation_needs_a_cascade(tmp_path, capsys):
     assert main(args) == 2
     assert "no-sr-finetune" in capsys.readouterr().err
     assert main([*args[:-3], "--held-out", "--quiet"]) == 2  # held-out: ShapesBench 2 only
+
+
+def test_tables_give_what_each_ablation_costs_and_the_stage_bar_with_standard_errors(
+        tmp_path, capsys):
+    """`imagic bench tables` on ShapesBench 2 rows: the fine-tuned stage against the stage as
+    trained per η (identity, pebbles, paired difference ± standard error), and every method at
+    its best parameter against Imagic's best η on the same outputs."""
+    header = ["case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
+              "psnr", "ssim", "status", "text", "margin", "distance", "forget", "identity"]
+    # (method, param, per case: (success, pebbles, identity)); 4 cases of one seed
+    runs = [("imagic", 0.8, [(1, 1, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1)]),
+            ("no-sr-finetune", 0.8, [(0, 1, 0), (0, 0, 0), (0, 0, 0), (0, 0, 1)]),
+            ("sdedit", 0.5, [(0, 0, 0)] * 4)]
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for method, param, verdicts in runs:
+            for case, (success, pebbles, identity) in enumerate(verdicts):
+                out.writerow([case, KINDS[case], method, param, 0, success, 1, 1, pebbles, 30.0,
+                              0.9, "ok", "t", "", "", "", identity])
+    assert main(["bench", "tables", str(path)]) == 0
+    printed = capsys.readouterr().out
+    # identity 75% against 25%: +50 points, paired differences (1, 1, 0, 0): SE 29
+    assert "| 0.8 | 75% | 25% | +50 ± 29 | 50% | 25% | +25 ± 25 | 4 |" in printed
+    assert "| imagic | 0.8 | 50% ± 25 | 75% | 50% | 30.00 | – | 4 |" in printed
+    assert "| no-sr-finetune | 0.8 | 0% ± 0 | 25% | 25% | 30.00 | -50 ± 29 | 4 |" in printed
+    assert "| sdedit | 0.5 | 0% ± 0 |" in printed and "SDEdit bar, seed 0" in printed
+    assert "held-out cases 16–79" not in printed  # ShapesBench's split, not this bench's

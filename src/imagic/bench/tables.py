@@ -1,11 +1,14 @@
 """The ShapesBench tables docs/RESULTS.md quotes, from one or more rows.csv: the best setting
 per method and edit kind; Imagic, SDEdit and no-finetune along their parameter; the SDEdit bar
 per kind (all cases, the held-out cases, each seed); and every method's fidelity per seed.
+ShapesBench 2's rows also get what each ablation costs and the fine-tuned super-resolution
+stage against the stage as trained, with standard errors.
 Only (case, seed) pairs that every method in the files finished are counted, so a partial run
 compares like with like. `imagic bench tables ROWS.csv ...`."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,6 +94,87 @@ def seed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b over paired outputs, and its standard error (nan with one pair)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else math.nan
+
+
+def percent(value: float, signed: bool = False) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:{'+' if signed else ''}.0f}"
+
+
+def stage_table(rows: list[dict]) -> list[str]:
+    """ShapesBench 2: the super-resolution stage fine-tuned on the input (`imagic`) against the
+    stage as trained (`no-sr-finetune`), at each η, on the same outputs of the same fits."""
+    by = defaultdict(dict)  # (method, η) → {(case, seed): row}
+    for r in rows:
+        if r["method"] in ("imagic", "no-sr-finetune"):
+            by[(r["method"], r["param"])][(r["case"], r["seed"])] = r
+    etas = sorted({p for m, p in by if m == "imagic"} & {p for m, p in by if m != "imagic"})
+    if not etas:
+        return []
+    lines = ["The super-resolution stage fine-tuned on the input (imagic) against the stage as "
+             "trained (no-sr-finetune), per η over the same (case, seed) pairs: how often each "
+             "keeps every object's identity and every pebble, and the difference in points ± "
+             "its paired standard error.", "",
+             "| η | identity: fine-tuned | as trained | difference | pebbles: fine-tuned | "
+             "as trained | difference | outputs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for eta in etas:
+        tuned, trained = by[("imagic", eta)], by[("no-sr-finetune", eta)]
+        keys = sorted(tuned.keys() & trained.keys())
+        cells = []
+        for key in ("identity", "pebbles"):
+            a, b = [tuned[k][key] for k in keys], [trained[k][key] for k in keys]
+            diff, error = paired_difference(a, b)
+            cells += [f"{percent(np.mean(a))}%", f"{percent(np.mean(b))}%",
+                      f"{percent(diff, True)} ± {percent(error)}"]
+        lines.append(f"| {eta:g} | " + " | ".join(cells) + f" | {len(keys)} |")
+    return lines
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    """Every method at its own best parameter over all kinds against Imagic at its best η:
+    what each ablation and baseline costs, with standard errors."""
+    curves = defaultdict(lambda: defaultdict(list))  # method → param → rows
+    for r in rows:  # an auto method's η differs per case: all its rows are one setting
+        auto = r["method"].startswith("imagic-auto")
+        curves[r["method"]][math.nan if auto else r["param"]].append(r)
+    if "imagic" not in curves:
+        return []
+
+    def best_param(method):
+        def score(param):
+            group = curves[method][param]
+            return np.mean([r["success"] for r in group]), np.mean([r["psnr"] for r in group])
+        return max(curves[method], key=score)
+
+    reference = {(r["case"], r["seed"]): r for r in curves["imagic"][best_param("imagic")]}
+    lines = ["Each method at its own best parameter over all kinds (success; ties to PSNR), "
+             "against Imagic at its best η on the same (case, seed) pairs: success ± its "
+             "standard error, and the difference in points ± its paired standard error.", "",
+             "| method | best param | success | identity kept | pebbles kept | "
+             "background PSNR (dB) | success − Imagic's | outputs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in curves:
+        param = best_param(method)
+        mine = {(r["case"], r["seed"]): r for r in curves[method][param]}
+        keys = sorted(mine.keys() & reference.keys())
+        success = np.mean([mine[k]["success"] for k in keys])
+        error = np.sqrt(success * (1 - success) / len(keys))
+        diff, diff_error = paired_difference([mine[k]["success"] for k in keys],
+                                             [reference[k]["success"] for k in keys])
+        lead = "–" if method == "imagic" else f"{percent(diff, True)} ± {percent(diff_error)}"
+        lines.append(
+            f"| {method} | {'auto' if math.isnan(param) else f'{param:g}'} | "
+            f"{percent(success)}% ± {percent(error)} | "
+            f"{percent(np.mean([mine[k]['identity'] for k in keys]))}% | "
+            f"{percent(np.mean([mine[k]['pebbles'] for k in keys]))}% | "
+            f"{np.mean([mine[k]['psnr'] for k in keys]):.2f} | {lead} | {len(keys)} |")
+    return lines
+
+
 def tables(paths: list[Path], seeds: set[int] | None = None) -> str:
     """Every table, in markdown, from the rows of `paths` read together (one run's rows.csv, or
     several, e.g. a method added later in its own folder)."""
@@ -111,6 +195,11 @@ def tables(paths: list[Path], seeds: set[int] | None = None) -> str:
            summary(rows).split("\n", 2)[2],  # the best-setting table and Imagic along η
            eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "",
            *sdedit_bar(rows, "all cases and seeds"), ""]
+    if "identity" in rows[0]:  # ShapesBench 2: its cases are all held out or all tuning
+        out += [*ablation_table(rows), "", *stage_table(rows), ""]
+        for s in sorted({r["seed"] for r in rows}):
+            out += [*sdedit_bar([r for r in rows if r["seed"] == s], f"seed {s}"), ""]
+        return "\n".join(out) + "\n"
     if any(r["method"] == "imagic-inversion" for r in rows):
         out += [eta_table(rows, "imagic-inversion"), "",
                 *sdedit_bar(rows, "all cases and seeds", "imagic-inversion"), ""]
