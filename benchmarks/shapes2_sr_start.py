@@ -46,7 +46,8 @@ def measure(backend, cases: int, etas: list[float], config=None) -> list[dict]:
     rows = []
     for case in select_cases(cases):
         session = editor.fit(case.image(), case.text)
-        e_tgt, e_opt = session.e_tgt, session.e_opt
+        e_tgt, e_opt = (e.map(lambda t: t.to(backend.device))
+                        for e in (session.e_tgt, session.e_opt))
         jobs = [(config.seeds[0], eta) for eta in etas]
         with backend.apply_delta(session.delta):
             x_start = backend.invert(backend.encode_image(session.input_image), e_opt,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -128,3 +129,29 @@ def test_tables_give_what_each_ablation_costs_and_the_stage_bar_with_standard_er
     assert "| no-sr-finetune | 0.8 | 0% ± 0 | 25% | 25% | 30.00 | -50 ± 29 | 4 |" in printed
     assert "| sdedit | 0.5 | 0% ± 0 |" in printed and "SDEdit bar, seed 0" in printed
     assert "held-out cases 16–79" not in printed  # ShapesBench's split, not this bench's
+
+
+@pytest.mark.parametrize("start", ["inversion", "noise"])
+def test_sdedit_starts_the_super_resolution_stage_where_imagic_does(cascade, tmp_path,
+                                                                    monkeypatch, start):
+    """SDEdit and Imagic then differ in the base alone: from the preset's inversion start,
+    SDEdit's stage starts from its inversion of the input too; text-only never reads it."""
+    from imagic.backends.cascade import PixelCascadeBackend
+
+    upsample, starts = PixelCascadeBackend.upsample, []
+
+    def spy(self, *args, start=None, **kwargs):
+        starts.append(start)
+        return upsample(self, *args, start=start, **kwargs)
+
+    monkeypatch.setattr(PixelCascadeBackend, "upsample", spy)
+    assert main(["bench", "shapes", "--model", str(cascade), "--cases", "1", "--seeds", "0",
+                 "--sample-steps", "2", "--strengths", "0.5", "--methods", "sdedit,text-only",
+                 "--start", start, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    image = select_cases(1)[0].image()
+    sdedit, text_only = starts
+    assert text_only is None
+    if start == "noise":
+        assert sdedit is None
+    else:
+        assert np.array_equal(np.asarray(sdedit), np.asarray(image))

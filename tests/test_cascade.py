@@ -214,8 +214,8 @@ def test_the_stage_start_benchmark_upsamples_the_same_base_images_from_noise_and
     rows = start_bench.measure(backend, 1, [0.5, 1.0], config=recipe)
     assert [(r["case"], r["start"], r["eta"]) for r in rows] == [
         (0, "noise", 0.5), (0, "noise", 1.0), (0, "inversion", 0.5), (0, "inversion", 1.0)]
-    (low_noise, from_noise), (low_inverted, from_inversion) = calls
-    assert torch.equal(low_noise, low_inverted) and from_noise is None
+    (low_then, from_noise), (low_again, from_inversion) = calls
+    assert torch.equal(low_then, low_again) and from_noise is None
     assert np.array_equal(np.asarray(from_inversion), np.asarray(start_bench.select_cases(1)[0]
                                                                  .image()))
     assert all(isinstance(r[k], bool) for r in rows for k in start_bench.VERDICTS)

@@ -239,16 +239,25 @@ def test_an_inversion_start_starts_if_ii_from_its_own_inversion_of_the_input(bac
     pictures again."""
     editor = Imagic(backend, RECIPE, quiet=True)
     session = editor.fit(photo, TEXT)
-    inversions = []
-    stage_inversion = DeepFloydIFBackend.stage_inversion
+    inversions, starts = [], []
+    stage_inversion, denoise = DeepFloydIFBackend.stage_inversion, DeepFloydIFBackend.denoise
 
     def spy(self, stage, image, *args):
         inversions.append((stage, image, args[-1]))
-        return stage_inversion(self, stage, image, *args)
+        x_t = stage_inversion(self, stage, image, *args)
+        starts.append(x_t.clone())
+        return x_t
+
+    def spy_denoise(self, stage, scheduler, x, *args, **kwargs):
+        if stage == SR_STAGE:
+            starts.append(x.clone())
+        return denoise(self, stage, scheduler, x, *args, **kwargs)
 
     monkeypatch.setattr(DeepFloydIFBackend, "stage_inversion", spy)
+    monkeypatch.setattr(DeepFloydIFBackend, "denoise", spy_denoise)
     first = editor.generate(session, etas=[0.5, 1.0], seeds=[0], start="inversion")
     assert inversions == [(SR_STAGE, session.input_image, backend.sr_sampler_config)]
+    assert torch.equal(starts[0], starts[1])  # IF-II's sampler starts at the inversion
     again = editor.generate(session, etas=[0.5, 1.0], seeds=[0], start="inversion")
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image))
                for a, b in zip(first, again))

@@ -222,13 +222,20 @@ class PixelCascadeBackend(UNetBackend):
         """x_T of `stage` for every row of `conds`: `image` at the stage's resolution run up
         its schedule by DDIM, beside its own previous-resolution image noised by `low_noise`
         to `level` (what sampling then reads, but for the image), without guidance. Sampled
-        beside that same image, the stage gives `image` back up to the discretisation; beside
-        an edited one, it keeps the input's fine detail where the edit leaves the image."""
+        without guidance beside that same image, the stage gives `image` back up to the
+        discretisation (a guided stage, as IF-II's, only nearly); beside an edited one, it keeps
+        the input's fine detail where the edit leaves the image. Rows that would invert alike
+        (one seed, one text: an inversion start's batch) are inverted once."""
         n = level.shape[0]
+        alike = [low_noise, level, *conds.tensors().values()]
+        if all(torch.equal(t[:1].expand_as(t), t) for t in alike):
+            level, low_noise, conds = level[:1], low_noise[:1], conds.map(lambda v: v[:1])
         x0 = self.encode_image(image, stage)
         low = resize(x0, self._previous_resolution(stage))  # as the stage trains on it
-        extra = self.conditioning(stage, low.expand(n, -1, -1, -1), level, low_noise)
-        return self.invert(x0.expand(n, -1, -1, -1), conds, steps, stage, extra, sampler_config)
+        rows = level.shape[0]
+        extra = self.conditioning(stage, low.expand(rows, -1, -1, -1), level, low_noise)
+        x = self.invert(x0.expand(rows, -1, -1, -1), conds, steps, stage, extra, sampler_config)
+        return x.expand(n, -1, -1, -1).clone()
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()

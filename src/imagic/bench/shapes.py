@@ -17,6 +17,7 @@ cases of ShapesWorld 2 to the same runner. Methods, all from the same seeds:
 - no-finetune: the paper's ablation without stage 2 (ē(η) on the original model);
 - no-embedding: the ablation without stage 1 (fine-tune on e_tgt, sample at e_tgt);
 - sdedit: noise the input to strength s and denoise with the target text (Meng et al. 2022);
+  a cascade's super-resolution stages then start where Imagic's do (the recipe's start);
 - text-only: the target caption alone (the alignment ceiling and the fidelity floor);
 - no-sr-finetune (cascades): Imagic with the super-resolution stages left as trained, only the
   base's delta applied, every η.
@@ -208,6 +209,9 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
         plain_session = plain.fit(image, text)
     x0 = backend.encode_image(image)
     cond, uncond = backend.encode_text([text]), backend.encode_text([""])
+    # a cascade's super-resolution stages start where Imagic's do, so the methods differ in the
+    # base alone
+    stage_start = image if config.start == "inversion" else None
     for guidance in scales:
         def name(method, guidance=guidance):
             return method_names([method], guidances)[scales.index(guidance)]
@@ -276,7 +280,7 @@ def run_case(backend, case, seed: int, config: EditConfig, etas, strengths,
         for strength in strengths if "sdedit" in methods else ():
             out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],
                                  config.sample_steps, guidance, x0=x0, strength=strength,
-                                 sampler=config.sampler)
+                                 sampler=config.sampler, stage_start=stage_start)
             rows.append(score(case, name("sdedit"), strength, seed, out[0]))
         if "text-only" in methods:
             out = backend.sample(cond, uncond, [torch.Generator().manual_seed(seed)],

@@ -153,7 +153,10 @@ def ablation_table(rows: list[dict]) -> list[str]:
     reference = {(r["case"], r["seed"]): r for r in curves["imagic"][best_param("imagic")]}
     lines = ["Each method at its own best parameter over all kinds (success; ties to PSNR), "
              "against Imagic at its best η on the same (case, seed) pairs: success ± its "
-             "standard error, and the difference in points ± its paired standard error.", "",
+             "binomial standard error, and the difference in points ± its paired standard "
+             "error. Each (case, seed) counts as independent, and each best parameter is "
+             "picked on the outputs it is scored on, which favours a method with more settings "
+             "swept.", "",
              "| method | best param | success | identity kept | pebbles kept | "
              "background PSNR (dB) | success − Imagic's | outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -196,7 +199,10 @@ def tables(paths: list[Path], seeds: set[int] | None = None) -> str:
            eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "",
            *sdedit_bar(rows, "all cases and seeds"), ""]
     if "identity" in rows[0]:  # ShapesBench 2: its cases are all held out or all tuning
-        out += [*ablation_table(rows), "", *stage_table(rows), ""]
+        costs = [*ablation_table(rows), "", *stage_table(rows)]
+        out += [*(costs if costs[0] else ["(No `imagic` rows, so no ablation or stage table: "
+                                          "a run at several guidance scales names them "
+                                          "imagic-gG.)"]), ""]
         for s in sorted({r["seed"] for r in rows}):
             out += [*sdedit_bar([r for r in rows if r["seed"] == s], f"seed {s}"), ""]
         return "\n".join(out) + "\n"
