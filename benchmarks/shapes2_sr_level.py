@@ -38,7 +38,6 @@ be tuned on the figures it reports. Writes the table to stdout and, with --out, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.backends.cascade import resize  # noqa: E402
-from imagic.bench import provenance  # noqa: E402
+from imagic.bench import run_script, write_report  # noqa: E402
 from imagic.editor import finetune  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import EditConfig, get_preset  # noqa: E402
@@ -196,18 +195,11 @@ def main(argv: list[str] | None = None) -> int:
               "same objects", "colour shift, /255"]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
     rows = measure(backend, args.samples, args.seed, args.levels, finetuned=args.finetuned)
-    if args.out:
-        report = {**provenance(["benchmarks/shapes2_sr_level.py", *sys.argv[1:]], args.device),
-                  "model": backend.identity, "samples": args.samples, "seed": args.seed,
-                  "finetuned": args.finetuned,
-                  "rows": rows}
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "benchmarks/shapes2_sr_level.py", sys.argv[1:], args.device,
+                 model=backend.identity, samples=args.samples, seed=args.seed,
+                 finetuned=args.finetuned, rows=rows)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

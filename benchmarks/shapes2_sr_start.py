@@ -17,7 +17,6 @@ every output's verdict.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.backends import load_backend, require_family  # noqa: E402
-from imagic.bench import provenance  # noqa: E402
+from imagic.bench import run_script, write_report  # noqa: E402
 from imagic.bench.shapes2 import select_cases  # noqa: E402
 from imagic.editor import Imagic, sample  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
@@ -94,16 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
     rows = measure(backend, args.cases, args.eta)
     print(table(rows, args.eta))
-    if args.out:
-        report = {**provenance(["benchmarks/shapes2_sr_start.py", *sys.argv[1:]], args.device),
-                  "model": backend.identity, "cases": args.cases, "rows": rows}
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "benchmarks/shapes2_sr_start.py", sys.argv[1:], args.device,
+                 model=backend.identity, cases=args.cases, rows=rows)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

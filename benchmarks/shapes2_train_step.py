@@ -14,7 +14,6 @@ are timed apart from the steady ones. Writes the table to stdout and, with --out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from imagic.bench import provenance  # noqa: E402
+from imagic.bench import run_script, write_report  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.shapes.train import TrainConfig  # noqa: E402
 from imagic.shapes2.model import SR_STAGE, CascadeConfig  # noqa: E402
@@ -82,16 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"| {mode} | {row['batch']} | {row['first_steps_s']} | {row['s_per_step']} | "
               f"{row['samples_per_s']} |", flush=True)
-    if args.out:
-        report = {**provenance(["benchmarks/shapes2_train_step.py", *sys.argv[1:]], args.device),
-                  "rows": rows}
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, "benchmarks/shapes2_train_step.py", sys.argv[1:], args.device,
+                 rows=rows)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

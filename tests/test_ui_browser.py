@@ -30,6 +30,12 @@ from imagic import EditSession, load_backend  # noqa: E402
 from imagic.ui import Studio  # noqa: E402
 from imagic.ui.page import serve  # noqa: E402
 
+# anyio imports its file module on first use; imported then from the server's threads, pytest's
+# assertion rewriting of it can race (CPython 3.11: "AST constructor recursion depth
+# mismatch") and the page's first file fails. Import it here, once, in the main thread.
+anyio = pytest.importorskip("anyio")
+anyio.open_file  # noqa: B018
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "large-red-circle-top-left.png"
 SCREENSHOTS = os.environ.get("IMAGIC_UI_SCREENSHOTS")

@@ -38,6 +38,24 @@ def provenance(command: list[str], device: str = "cpu") -> dict:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
+def write_report(out: str | None, script: str, argv: list[str], device: str, **fields) -> None:
+    """A benchmark script's JSON at `out` (nothing when None): its provenance, then `fields`."""
+    if out:
+        report = {**provenance([script, *argv], device), **fields}
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """A benchmark script's entry point: main()'s exit status; bad input is one line and 2."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_same_run(out: Path, settings: dict, backend) -> None:
     """A folder holds one sweep of one model and recipe: resuming with other settings would mix
     them in the summary, so it is refused (OUT/run.json records them with the model's identity)."""
