@@ -66,6 +66,10 @@ def test_another_object_of_the_same_caption_is_not_the_same_object():
                                            for t in target.things))
     result = check_edit(image(impostor), source, target)
     assert result["target"] and result["kept"] and not result["identity"]
+    # it says what makes the cat another cat, and only for the cat
+    assert list(result["identity_changes"]) == [cat.position]
+    assert result["identity_changes"][cat.position]
+    assert check_edit(image(target), source, target)["identity_changes"] == {}
 
 
 def test_a_colour_change_of_another_object_is_not_kept():

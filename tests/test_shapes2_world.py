@@ -26,6 +26,7 @@ from imagic.shapes2 import (
     dilate,
     edit_thing,
     find_pebbles,
+    identity_changes,
     identity_distance,
     marking_coverage,
     match_pebbles,
@@ -45,7 +46,7 @@ from imagic.shapes2 import (
     thing_coverage,
     thing_masks,
 )
-from imagic.shapes2.detect import IDENTITY_THRESHOLD
+from imagic.shapes2.detect import IDENTITY_THRESHOLD, Identity
 from imagic.shapes2.world import SLOT_MARGIN, SLOT_WIDTH
 
 N_RENDERS = 2000  # the detector bar: >= 99% of every attribute on this many renders
@@ -436,6 +437,20 @@ def test_identity_separates_a_moved_object_from_another_object(
     assert _separated(same, other) >= 0.99
 
 
+def test_identity_changes_say_what_made_another_object() -> None:
+    """The words `score-edit` prints for an object that is not the same one: a changed marking
+    first, then each detail moved at least half its tolerance, largest first."""
+    cat = Identity(hue_offset=1.0, saturation=0.60, value=0.90, shade=0.55, marking="stripes",
+                   marks=1)
+    assert identity_changes(cat, cat) == []
+    assert identity_changes(cat, Identity(4.0, 0.61, 0.90, 0.55, "spots", 2)) == [
+        "1 stripe → 2 spots", "hue +3.0°"]
+    assert identity_changes(cat, Identity(1.0, 0.55, 0.80, 0.55, "stripes", 1)) == [
+        "brightness -0.10", "saturation -0.05"]
+    assert identity_changes(cat, Identity(1.0, 0.60, 0.90, 0.0, None, 0)) == [
+        "1 stripe → no marking", "marking shade -0.55"]
+
+
 # --------------------------------------------------------------------------- pebbles
 
 
@@ -488,8 +503,12 @@ def test_the_shipped_examples_are_renders_and_score_edit_reads_their_edits(tmp_p
     assert [t.pose for t in target.things] == ["sitting"]
     Image.fromarray(render(target)).save(tmp_path / "edited.png")
     Image.fromarray(render(source)).save(tmp_path / "unchanged.png")
+    cat = target.things[0]
+    other = target.replace(things=(cat.replace(hue_jitter=cat.hue_jitter + 4.0),))
+    Image.fromarray(render(other)).save(tmp_path / "other.png")
     images = [{"file": "edited.png", "eta": 1.0, "seed": 0},
-              {"file": "unchanged.png", "eta": 0.0, "seed": 0}]
+              {"file": "unchanged.png", "eta": 0.0, "seed": 0},
+              {"file": "other.png", "eta": 1.1, "seed": 0}]
     manifest = {"image": str(folder / "purple-cat-standing.png"), "images": images,
                 "text": "a large purple cat sitting on the right"}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -497,7 +516,10 @@ def test_the_shipped_examples_are_renders_and_score_edit_reads_their_edits(tmp_p
     printed = capsys.readouterr().out
     assert "η 1.00 seed 0: target yes, others kept yes, identity yes" in printed
     assert "η 0.00 seed 0: target no" in printed
-    assert printed.strip().endswith("success (target, the rest kept, identity) 1/2")
+    # another cat of the same caption: the line says what made it another
+    assert ("η 1.10 seed 0: target yes, others kept yes, identity no (right object: hue +4"
+            in printed)
+    assert printed.strip().endswith("success (target, the rest kept, identity) 1/3")
     manifest["text"] = "a large purple cat lying on the right"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert main(["bench", "score-edit", str(tmp_path)]) == 2

@@ -118,7 +118,7 @@ def score_example(out, name: str, text: str, entries: list[dict]) -> str:
         success += c["success"]
         lines.append(
             f"  η {entry['eta']:.2f} seed {entry['seed']}: target {_yes(c['target'])}, others "
-            f"kept {_yes(c['kept'])}, identity {_yes(c['identity'])}, pebbles "
+            f"kept {_yes(c['kept'])}, identity {_yes(c['identity'])}{_why(c)}, pebbles "
             f"{_yes(c['pebbles'])}, background PSNR {c['background_psnr']:.1f} dB")
     lines.append(f"success (target, the rest kept, identity) {success}/{len(entries)}")
     return "\n".join(lines)
@@ -131,3 +131,9 @@ def sorted_objects(text: str) -> list[dict]:
 
 def _yes(ok) -> str:
     return "yes" if ok else "no"
+
+
+def _why(checked: dict) -> str:
+    """Why objects that stay are other objects, e.g. " (right object: 1 stripe → 2 spots)"."""
+    changes = checked["identity_changes"]
+    return "".join(f" ({where} object: {', '.join(words)})" for where, words in changes.items())

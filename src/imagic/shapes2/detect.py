@@ -406,6 +406,39 @@ def same_identity(a: Identity | ThingDetection, b: Identity | ThingDetection) ->
     return identity_distance(a, b) < IDENTITY_THRESHOLD
 
 
+_DETAIL_WORDS = {"hue_offset": "hue", "saturation": "saturation", "value": "brightness",
+                 "shade": "marking shade"}
+
+
+def identity_changes(a: Identity | ThingDetection, b: Identity | ThingDetection) -> list[str]:
+    """What makes `b` a different object from `a`, in words, largest first: each detail that
+    moved at least half its tolerance ("hue +3.1°") and a changed marking ("1 stripe → 2
+    spots"); empty when they are the same object."""
+    a = a.identity if isinstance(a, ThingDetection) else a
+    b = b.identity if isinstance(b, ThingDetection) else b
+    if identity_distance(a, b) < IDENTITY_THRESHOLD:
+        return []
+    # four details each under half their tolerance stay under the threshold together
+    moved = sorted(((getattr(b, name) - getattr(a, name), tol, name)
+                    for name, tol in IDENTITY_TOLERANCES.items()),
+                   key=lambda d: -abs(d[0]) / d[1])
+    words = [_detail(name, delta) for delta, tol, name in moved if abs(delta) >= tol / 2]
+    if (a.marking, a.marks) != (b.marking, b.marks):
+        words.insert(0, f"{_marks(a)} → {_marks(b)}")
+    return words
+
+
+def _detail(name: str, delta: float) -> str:
+    return f"hue {delta:+.1f}°" if name == "hue_offset" else f"{_DETAIL_WORDS[name]} {delta:+.2f}"
+
+
+def _marks(identity: Identity) -> str:
+    if identity.marking is None or identity.marks == 0:
+        return "no marking"
+    noun = {"stripes": "stripe", "spots": "spot"}.get(identity.marking, identity.marking)
+    return f"{identity.marks} {noun}{'s' if identity.marks != 1 else ''}"
+
+
 def _checked(attrs: dict[str, Any]) -> list[str]:
     """The attributes an expected object names: those not None, and the pose of a rigid kind
     (which must read as no pose)."""

@@ -20,7 +20,16 @@ from ..shapes.evaluate import (
     masked_ssim,
     sample_seed,
 )
-from .detect import compare, detect, dilate, find_pebbles, identity_of, match_pebbles, same_identity
+from .detect import (
+    compare,
+    detect,
+    dilate,
+    find_pebbles,
+    identity_changes,
+    identity_of,
+    match_pebbles,
+    same_identity,
+)
 from .world import ATTRIBUTES, Scene, Thing, pebble_mask, random_caption_and_scene, render
 
 _IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(Thing) if f.name not in ATTRIBUTES)
@@ -101,13 +110,16 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     has a pebble of the output within the match distance, and the output has no other),
     success (target, kept and identity), background_psnr (dB) and background_ssim outside the
     objects of input and output (each dilated), the detection's object count, and
-    same_objects: per object that stays, whether it is the same object.
+    same_objects: per object that stays, whether it is the same object, and identity_changes:
+    position -> what makes the object there another one (`identity_changes`), per object that
+    is not the same.
     """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
     verdict = compare(found, target)
     before = {_identity(t): t for t in source.things}
     changed_ok, kept_ok, identity_ok = [], [verdict["count"]], []
+    why = {}  # position -> what changed the object that stays there
     for thing, right in zip(target.things, verdict["things"]):  # compare's order
         old = before.pop(_identity(thing), None)
         if old is None:  # added: all of it is the target
@@ -117,8 +129,11 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
             (changed_ok if getattr(old, attribute) != getattr(thing, attribute)
              else kept_ok).append(ok)
         reading = found.at(thing.position)
-        identity_ok.append(reading is not None
-                           and same_identity(reading, identity_of(source, old.position)))
+        before_identity = identity_of(source, old.position)
+        identity_ok.append(reading is not None and same_identity(reading, before_identity))
+        if not identity_ok[-1]:
+            why[thing.position] = (identity_changes(before_identity, reading)
+                                   if reading is not None else ["not found"])
     for old in before.values():  # removed: its slot must read empty
         changed_ok.append(found.at(old.position) is None)
     objects = np.zeros(array.shape[:2], bool)
@@ -136,6 +151,7 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
         "kept": all(kept_ok),
         "identity": all(identity_ok),
         "same_objects": identity_ok,
+        "identity_changes": why,
         "pebbles": matched == len(expected) and added == 0,
         "objects": found.count,
         "background_psnr": 10 * np.log10(255.0**2 / max(mse, 1e-10)),
