@@ -10,6 +10,7 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -219,6 +220,32 @@ def test_the_stage_start_benchmark_upsamples_the_same_base_images_from_noise_and
     assert np.array_equal(np.asarray(from_inversion), np.asarray(start_bench.select_cases(1)[0]
                                                                  .image()))
     assert all(isinstance(r[k], bool) for r in rows for k in start_bench.VERDICTS)
+
+
+def test_identity_benchmark_reads_each_object_that_stays_by_its_role(backend, monkeypatch):
+    """benchmarks/shapes2_identity.py: each input object that stays is read at its place in
+    every output, as the edited object or an untouched one, at every number of steps asked."""
+    bench = benchmark("shapes2_identity")
+    rows = bench.measure(backend, 1, [0.0], [2], config=RECIPE)  # the real stage 3, tiny model
+    case = bench.select_cases(1)[0]  # a colour edit of one object
+    assert [r["role"] for r in rows].count("edited") == 1
+    assert len(rows) == len(case.source.things) and all(r["steps"] == 2 for r in rows)
+
+    # an edit that renders the target scene exactly: every object is the same, nothing moves
+    asked = []
+
+    def perfect(self, session, etas=None, seeds=None, **stage3):
+        asked.append(stage3["sample_steps"])
+        return [SimpleNamespace(image=Image.fromarray(render(case.target)), eta=eta)
+                for eta in etas]
+
+    monkeypatch.setattr(bench.Imagic, "generate", perfect)
+    rows = bench.measure(backend, 1, [0.0, 0.9], [3, 7], config=RECIPE)
+    assert asked == [3, 7] and len(rows) == 4 * len(case.source.things)
+    assert all(r["found"] and r["distance"] < 0.3 and r["marking_kept"] for r in rows)
+    table = bench.table(rows)
+    assert "| 7 | 0.9 | edited | 1 / 1 | 1 / 1 |" in table
+    assert "| 3 | 0 | edited | 1 / 1 | 1 / 1 |" in table
 
 
 def test_keep_average_moves_each_block_evenly_to_the_given_average():

@@ -117,11 +117,11 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     found = detect(array)
     verdict = compare(found, target)
-    before = {_identity(t): t for t in source.things}
+    before = {unnamed_details(t): t for t in source.things}
     changed_ok, kept_ok, identity_ok = [], [verdict["count"]], []
     why = {}  # position -> what changed the object that stays there
     for thing, right in zip(target.things, verdict["things"]):  # compare's order
-        old = before.pop(_identity(thing), None)
+        old = before.pop(unnamed_details(thing), None)
         if old is None:  # added: all of it is the target
             changed_ok.append(all(right.values()))
             continue
@@ -161,8 +161,9 @@ def check_edit(image, source: Scene, target: Scene) -> dict:
     return result
 
 
-def _identity(thing: Thing) -> tuple:
-    """What an edit of a named attribute never changes (the unnamed details)."""
+def unnamed_details(thing: Thing) -> tuple:
+    """What an edit of a named attribute never changes: the key that finds an edited object's
+    input object."""
     return tuple(getattr(thing, name) for name in _IDENTITY_FIELDS)
 
 
