@@ -8,7 +8,8 @@ it leaves alone, from η 0 (the fitted model's reconstruction of the input) up.
 Per ShapesBench 2 tuning case (the held-out cases are kept for the report), the `shapes2`
 preset fits once (stages 1 and 2, training seed 0); stage 3 then renders each η at each number
 of sampling steps (the base's; `sr128` keeps its own). Each object of the input that stays is
-read by the detectors at its place in the output and compared with its reading in the input
+read by the detectors at its place in the output (at η 0, where it was in the input) and
+compared with its reading in the input
 (`identity_distance`: below 1 the same object; a detail's tolerance counts 1). Writes the table
 to stdout and, with --out, the JSON with every object's reading.
 """
@@ -58,7 +59,9 @@ def measure(backend, cases: int, etas: list[float], steps: list[int], config=Non
             for result in editor.generate(session, etas=etas, sample_steps=n):
                 found = detect(np.asarray(result.image.convert("RGB")))
                 for old, new in pairs:
-                    before, after = identity_of(case.source, old.position), found.at(new.position)
+                    # η 0 renders the input again: each object is read where it was
+                    place = old.position if result.eta == 0 else new.position
+                    before, after = identity_of(case.source, old.position), found.at(place)
                     role = "edited" if old.attributes != new.attributes else "untouched"
                     row = {"case": case.index, "kind": case.kind, "steps": n, "eta": result.eta,
                            "role": role, "found": after is not None}

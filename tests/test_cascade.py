@@ -231,21 +231,26 @@ def test_identity_benchmark_reads_each_object_that_stays_by_its_role(backend, mo
     assert [r["role"] for r in rows].count("edited") == 1
     assert len(rows) == len(case.source.things) and all(r["steps"] == 2 for r in rows)
 
-    # an edit that renders the target scene exactly: every object is the same, nothing moves
+    # η 0 renders the input exactly and every other η the target scene: every object is the
+    # same and nothing moves, also where the edit moved the object (case 1)
     asked = []
+    cases = bench.select_cases(2)
 
     def perfect(self, session, etas=None, seeds=None, **stage3):
         asked.append(stage3["sample_steps"])
-        return [SimpleNamespace(image=Image.fromarray(render(case.target)), eta=eta)
+        case = cases[(len(asked) - 1) // 2]  # one call per number of steps, case by case
+        return [SimpleNamespace(image=Image.fromarray(render(case.source if eta == 0
+                                                             else case.target)), eta=eta)
                 for eta in etas]
 
     monkeypatch.setattr(bench.Imagic, "generate", perfect)
-    rows = bench.measure(backend, 1, [0.0, 0.9], [3, 7], config=RECIPE)
-    assert asked == [3, 7] and len(rows) == 4 * len(case.source.things)
+    rows = bench.measure(backend, 2, [0.0, 0.9], [3, 7], config=RECIPE)
+    assert [c.kind for c in cases] == ["colour", "position"] and asked == [3, 7, 3, 7]
+    assert len(rows) == 4 * sum(len(c.source.things) for c in cases)
     assert all(r["found"] and r["distance"] < 0.3 and r["marking_kept"] for r in rows)
     table = bench.table(rows)
-    assert "| 7 | 0.9 | edited | 1 / 1 | 1 / 1 |" in table
-    assert "| 3 | 0 | edited | 1 / 1 | 1 / 1 |" in table
+    assert "| 7 | 0.9 | edited | 2 / 2 | 2 / 2 |" in table
+    assert "| 3 | 0 | edited | 2 / 2 | 2 / 2 |" in table
 
 
 def test_keep_average_moves_each_block_evenly_to_the_given_average():
