@@ -435,7 +435,7 @@ def _detail(name: str, delta: float) -> str:
 def _marks(identity: Identity) -> str:
     if identity.marking is None or identity.marks == 0:
         return "no marking"
-    noun = {"stripes": "stripe", "spots": "spot"}.get(identity.marking, identity.marking)
+    noun = {"stripes": "stripe", "spots": "spot"}[identity.marking]
     return f"{identity.marks} {noun}{'s' if identity.marks != 1 else ''}"
 
 
