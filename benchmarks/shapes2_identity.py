@@ -25,9 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.bench import run_script, write_report  # noqa: E402
-from imagic.bench.shapes2 import select_cases  # noqa: E402
+from imagic.bench.shapes2 import load_cascade, select_cases  # noqa: E402
 from imagic.editor import Imagic  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import get_preset  # noqa: E402
@@ -38,7 +37,6 @@ from imagic.shapes2.detect import (  # noqa: E402
     identity_of,
 )
 from imagic.shapes2.evaluate import unnamed_details  # noqa: E402
-from imagic.shapes2.model import SR_STAGE  # noqa: E402
 
 ROLES = ("edited", "untouched")  # the object whose pose, colour or place the text changes; the rest
 DETAILS = {"hue_offset": "hue, °", "saturation": "saturation", "value": "brightness"}
@@ -116,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
     if min(args.steps) < 1:
         raise InputError(f"--steps must be at least 1, got {min(args.steps)}")
-    backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "this benchmark")
-    if SR_STAGE not in getattr(backend, "stages", {}):
-        raise InputError(f"{args.model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
+    backend = load_cascade(args.model, args.device)
     rows = measure(backend, args.cases, args.eta, args.steps)
     print(table(rows))
     write_report(args.out, "benchmarks/shapes2_identity.py", sys.argv[1:], args.device,

@@ -48,9 +48,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.backends.cascade import resize  # noqa: E402
 from imagic.bench import run_script, write_report  # noqa: E402
+from imagic.bench.shapes2 import load_cascade  # noqa: E402
 from imagic.editor import finetune  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import EditConfig, get_preset  # noqa: E402
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
-    backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "this benchmark")
-    if SR_STAGE not in getattr(backend, "stages", {}):
-        raise InputError(f"{args.model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
+    backend = load_cascade(args.model, args.device)
     top = backend.stages[SR_STAGE].max_noise_level
     if args.samples < 1 or any(not 0 <= lv <= top for lv in args.levels):
         raise InputError(f"--samples must be 1 or more and each level from 0 to {top}")

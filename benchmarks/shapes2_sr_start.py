@@ -23,14 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from imagic.backends import load_backend, require_family  # noqa: E402
 from imagic.bench import run_script, write_report  # noqa: E402
-from imagic.bench.shapes2 import select_cases  # noqa: E402
+from imagic.bench.shapes2 import load_cascade, select_cases  # noqa: E402
 from imagic.editor import Imagic, sample  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import get_preset  # noqa: E402
 from imagic.shapes2.evaluate import check_edit  # noqa: E402
-from imagic.shapes2.model import SR_STAGE  # noqa: E402
 
 STARTS = ("noise", "inversion")
 VERDICTS = ("success", "target", "kept", "identity", "pebbles")
@@ -87,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cases < 1:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
-    backend = load_backend(args.model, device=args.device)
-    require_family(backend, "pixel-cascade", "this benchmark")
-    if SR_STAGE not in getattr(backend, "stages", {}):
-        raise InputError(f"{args.model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
+    backend = load_cascade(args.model, args.device)
     rows = measure(backend, args.cases, args.eta)
     print(table(rows, args.eta))
     write_report(args.out, "benchmarks/shapes2_sr_start.py", sys.argv[1:], args.device,

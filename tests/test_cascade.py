@@ -222,6 +222,16 @@ def test_the_stage_start_benchmark_upsamples_the_same_base_images_from_noise_and
     assert all(isinstance(r[k], bool) for r in rows for k in start_bench.VERDICTS)
 
 
+def test_the_benchmarks_load_a_shapesworld2_cascade_and_refuse_another_model(run):
+    """The shapes2 benchmark scripts' model check (`bench.shapes2.load_cascade`): a cascade with
+    `sr128` loads; the single-stage ShapesWorld model is refused in one line."""
+    from imagic.bench.shapes2 import load_cascade
+
+    assert SR_STAGE in load_cascade(str(run / "model"), "cpu").stages
+    with pytest.raises(InputError, match="has no sr128 stage: not a ShapesWorld 2 cascade"):
+        load_cascade("imagic:shapes-32", "cpu")
+
+
 def test_identity_benchmark_reads_each_object_that_stays_by_its_role(backend, monkeypatch):
     """benchmarks/shapes2_identity.py: each input object that stays is read at its place in
     every output, as the edited object or an untouched one, at every number of steps asked."""

@@ -101,6 +101,19 @@ def select_cases(end: int, start: int = 0, held_out: bool = False) -> list[Case2
     return [make_case(i, KINDS[i % len(KINDS)], seed) for i in range(start, end)]
 
 
+def load_cascade(model: str, device: str):
+    """A ShapesWorld 2 cascade for a benchmark script: a pixel cascade with the `sr128` stage,
+    or InputError."""
+    from ..backends import load_backend, require_family
+    from ..shapes2.model import SR_STAGE
+
+    backend = load_backend(model, device=device)
+    require_family(backend, "pixel-cascade", "this benchmark")
+    if SR_STAGE not in getattr(backend, "stages", {}):
+        raise InputError(f"{model} has no {SR_STAGE} stage: not a ShapesWorld 2 cascade")
+    return backend
+
+
 def score_example(out, name: str, text: str, entries: list[dict]) -> str:
     """`imagic bench score-edit` on an edit of one of this world's shipped examples: each
     output checked against the scene the example's edit asks for (`check_edit`: target, the
