@@ -22,7 +22,8 @@ TOKENS = 16  # the tiny encoder reads 16 tokens, so "too long" texts are cheap t
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """SD-shaped components small enough that a whole edit runs on a CPU in seconds:
-    a 64 px image, a 4×32×32 latent, a 2-block UNet with cross-attention of width 8."""
+    a 64 px image, a 4×16×16 latent (a 3-block VAE), a 2-block UNet with cross-attention of
+    width 8."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -35,14 +36,14 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4,
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
         out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
         norm_num_groups=4, attention_head_dim=4,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         norm_num_groups=4, sample_size=64,
     )
     tokenizer = word_level_clip_tokenizer(WORDS, max_length=TOKENS)
