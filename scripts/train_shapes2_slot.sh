@@ -6,7 +6,9 @@
 #     bash scripts/train_shapes2_slot.sh SLOT MINUTES
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
 # its training budget; FREEZE (e.g. unet,text_encoder) holds those models and trains the rest
-# (--freeze). The slot continues from the shipped model in src/imagic/assets/shapes2-128
+# (--freeze); BASE_CHANNELS (e.g. 48,96,144) widens the base, which then needs FRESH=unet (it
+# starts from its seed beside the shipped stage and text encoder; --fresh). INIT_FROM (default
+# the shipped model) is the exported model the slot starts from. The slot continues from the shipped model in src/imagic/assets/shapes2-128
 # when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
 # again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
 # $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
@@ -22,6 +24,8 @@ DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 FREEZE=${FREEZE:-}
+FRESH=${FRESH:-}
+BASE_CHANNELS=${BASE_CHANNELS:-}
 mkdir -p "$OUT"
 if [ -f ../shared/gpu/device_env.sh ]; then
   source ../shared/gpu/device_env.sh
@@ -32,8 +36,14 @@ else  # the same set-up as ../shared/gpu/device_env.sh, where that folder did no
 fi
 RUN=$(mktemp -d)/run
 INIT=()
-[ -f src/imagic/assets/shapes2-128/imagic_model.json ] && INIT=(--init-from src/imagic/assets/shapes2-128)
+if [ -n "${INIT_FROM:-}" ]; then  # train-shapes refuses a folder that is no exported model
+  INIT=(--init-from "$INIT_FROM")
+elif [ -f src/imagic/assets/shapes2-128/imagic_model.json ]; then
+  INIT=(--init-from src/imagic/assets/shapes2-128)
+fi
 [ -n "$FREEZE" ] && INIT+=(--freeze "$FREEZE")
+[ -n "$FRESH" ] && INIT+=(--fresh "$FRESH")
+[ -n "$BASE_CHANNELS" ] && INIT+=(--base-channels "$BASE_CHANNELS")
 {
   if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
   "$PYTHON" -m imagic.cli train-shapes --world 2 --out "$RUN" --device "$DEVICE" --seed "$SLOT" \

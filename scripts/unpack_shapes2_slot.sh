@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # After a training slot: put its model into the package and its records into training/shapes2/
 # (to commit):
-#   scripts/unpack_shapes2_slot.sh FOLDER SLOT    (FOLDER: where the slot's $OUT files are)
-# The model replaces the shipped src/imagic/assets/shapes2-128 (the next slot starts from it); the log,
-# samples and evaluation are kept per slot.
+#   scripts/unpack_shapes2_slot.sh FOLDER SLOT [MODEL]   (FOLDER: where the slot's $OUT files are)
+# The model replaces MODEL, by default the shipped src/imagic/assets/shapes2-128 (the next slot
+# starts from it); give another folder for a model to evaluate before it ships. The log, samples
+# and evaluation are kept per slot.
 set -euo pipefail
 FROM=${1:?give the folder the slot files came back in}
 SLOT=${2:?give the slot number}
@@ -12,7 +13,7 @@ DEST=training/shapes2
 mkdir -p "$DEST"
 TMP=$(mktemp -d)
 cat "$FROM"/model.tar.part-* | tar -C "$TMP" -xf -
-MODEL=src/imagic/assets/shapes2-128
+MODEL=${3:-src/imagic/assets/shapes2-128}
 rm -rf "$MODEL" && mv "$TMP/model" "$MODEL"
 cp "$FROM/train_log.jsonl" "$DEST/train_log-slot$SLOT.jsonl"
 cp "$FROM/samples.png" "$DEST/samples-slot$SLOT.png"

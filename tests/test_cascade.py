@@ -6,6 +6,7 @@ exactly; the benchmark of the stage's sampling level compares levels on the same
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -580,6 +581,50 @@ def test_freeze_refuses_what_it_cannot_hold(run, tmp_path, freeze, init, message
                                    init_from=str(run / "model") if init else None))
 
 
+def test_a_wider_base_starts_fresh_beside_the_exported_stage_and_text_encoder(run, tmp_path):
+    """--base-channels with --fresh unet: the base has the new widths and its seed's weights,
+    sr128 and the text encoder are the --init-from ones (here frozen) bit for bit, and the
+    export loads as a cascade with the wider base and records what started fresh."""
+    init, wider = str(run / "model"), dataclasses.replace(TINY, base_channels=(8, 16, 32))
+    out = tmp_path / "wider"
+    CascadeTrainer(tiny_config(out, model=wider, init_from=init, fresh=("unet",),
+                               freeze=(SR_STAGE, "text_encoder"))).run()
+    start, after = load_backend(init, device="cpu"), load_backend(str(out / "model"), device="cpu")
+    assert list(after.stage_unets()["base"].config.block_out_channels) == [8, 16, 32]
+    before = start.stage_unets()[SR_STAGE].state_dict()
+    now = after.stage_unets()[SR_STAGE].state_dict()
+    assert all(torch.equal(before[k], now[k]) for k in before)
+    assert all(torch.equal(a, b) for a, b in zip(start.text_encoder.state_dict().values(),
+                                                 after.text_encoder.state_dict().values()))
+    meta = json.loads((out / "model" / "imagic_model.json").read_text())
+    assert meta["training"]["fresh"] == ["unet"]
+    assert meta["model_config"]["base_channels"] == [8, 16, 32]
+    with pytest.raises(InputError, match="--fresh unet"):  # the base cannot be copied in
+        CascadeTrainer(tiny_config(tmp_path / "x", model=wider, init_from=init))
+    with pytest.raises(InputError, match="base_channels differ"):  # resumed without the widths
+        CascadeTrainer(tiny_config(out, resume=True, steps=6, init_from=init, fresh=("unet",),
+                                   freeze=(SR_STAGE, "text_encoder"))).run()
+
+
+@pytest.mark.parametrize("fresh, freeze, init, message", [
+    (("unet",), (), False, "--init-from"),
+    (("unet",), ("unet",), True, "both name unet"),
+    (("vae",), (), True, "--fresh takes some of unet, sr128, text_encoder"),
+])
+def test_fresh_refuses_what_it_cannot_start(run, tmp_path, fresh, freeze, init, message):
+    with pytest.raises(InputError, match=message):
+        CascadeTrainer(tiny_config(tmp_path / "x", fresh=fresh, freeze=freeze,
+                                   init_from=str(run / "model") if init else None))
+
+
+@pytest.mark.parametrize("widths, message", [
+    ((32, 64), "give 3 widths"), ((32, 60, 96), "multiple of its 8 norm groups"),
+    ((0, 64, 96), "positive multiple")])
+def test_a_base_the_unet_cannot_have_is_refused(widths, message):
+    with pytest.raises(InputError, match=message):
+        CascadeConfig(base_channels=widths)
+
+
 def test_train_shapes_passes_freeze(monkeypatch):
     from imagic.cli import main
     from imagic.shapes import train as train_module
@@ -591,6 +636,15 @@ def test_train_shapes_passes_freeze(monkeypatch):
     assert main(["train-shapes", "--world", "2", "--out", "x", "--resume",
                  "--freeze", "unet, text_encoder"]) == 0
     assert seen.pop("config").freeze == ("unet", "text_encoder")
+    assert main(["train-shapes", "--world", "2", "--out", "x", "--resume", "--fresh", "unet",
+                 "--base-channels", "48,96,144"]) == 2  # --fresh needs --init-from
+    init = str(Path(__file__).parents[1] / "src/imagic/assets/shapes2-128")
+    assert main(["train-shapes", "--world", "2", "--out", "x", "--init-from", init, "--fresh",
+                 "unet", "--freeze", "sr128,text_encoder", "--base-channels", "48,96,144"]) == 0
+    config = seen.pop("config")
+    assert (config.fresh, config.model.base_channels) == (("unet",), (48, 96, 144))
+    assert main(["train-shapes", "--out", "x", "--base-channels", "48,96,144"]) == 2  # world 1
+    assert main(["train-shapes", "--world", "2", "--out", "x", "--base-channels", "48,wide"]) == 2
 
 
 def test_the_shipped_cascade_loads_by_name_and_draws_what_its_caption_asks():

@@ -20,6 +20,7 @@ EVAL_EXAMPLE = """example:
 def register(sub) -> None:
     from ..shapes.evaluate import DEFAULT_GUIDANCE
     from ..shapes.train import TrainConfig
+    from ..shapes2.model import CascadeConfig
 
     raw = argparse.RawDescriptionHelpFormatter
     train_p = sub.add_parser(
@@ -56,6 +57,12 @@ def register(sub) -> None:
     train_p.add_argument("--freeze", default="", metavar="NAMES",
                          help="comma-separated models held at their --init-from weights while "
                               "the others train (world 2: unet, sr128, text_encoder)")
+    train_p.add_argument("--fresh", default="", metavar="NAMES",
+                         help="comma-separated models that start from their seed rather than "
+                              "--init-from's weights, e.g. unet with --base-channels")
+    train_p.add_argument("--base-channels", type=_widths, metavar="W1,W2,W3",
+                         help="world 2: the base UNet's widths at 32², 16², 8² (default "
+                              f"{','.join(map(str, CascadeConfig().base_channels))})")
     train_p.add_argument("--seed", type=int, default=defaults.seed,
                          help="seeds the initial weights and every data and noise draw")
     train_p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,19 +88,38 @@ def register(sub) -> None:
     eval_p.set_defaults(func=cmd_eval_shapes)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give whole numbers separated by commas, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def cmd_train_shapes(args) -> int:
+    from ..errors import InputError
     from ..shapes import train as training
     from ..shapes2.model import CascadeConfig
 
     world2 = args.world == 2
+    model = training.ModelConfig()
+    if world2:
+        model = CascadeConfig(**({"base_channels": args.base_channels}
+                                 if args.base_channels else {}))
+    elif args.base_channels:
+        raise InputError("--base-channels sets the ShapesWorld 2 base: give --world 2")
     config = training.TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         resume=args.resume, seed=args.seed, quiet=args.quiet, init_from=args.init_from,
-        freeze=tuple(name.strip() for name in args.freeze.split(",") if name.strip()),
+        freeze=_names(args.freeze), fresh=_names(args.fresh),
         snr_gamma=args.snr_gamma or None, command=" ".join(["imagic", *sys.argv[1:]]),
-        model=CascadeConfig() if world2 else training.ModelConfig(),
+        model=model,
     )
     training.train(config)
     return 0

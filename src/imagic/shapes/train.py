@@ -70,6 +70,9 @@ class TrainConfig:
     # models held at their --init-from weights while the others train (ShapesWorld 2: "unet",
     # "sr128", "text_encoder"); a frozen stage's loss is not computed at all
     freeze: tuple[str, ...] = ()
+    # models that start from their seed rather than --init-from's weights: one whose architecture
+    # changed (a wider base beside the shipped super-resolution stage)
+    fresh: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
     command: str = ""  # recorded in the export's metadata
 
@@ -104,6 +107,13 @@ class TrainConfig:
         if self.freeze and self.init_from is None and not self.resume:
             raise InputError("--freeze holds models at their --init-from weights: give "
                              "--init-from too")
+        if self.fresh and self.init_from is None:
+            raise InputError("--fresh starts some models from their seed instead of --init-from's "
+                             "weights: give --init-from too")
+        both = sorted(set(self.fresh) & set(self.freeze))
+        if both:
+            raise InputError(f"--fresh and --freeze both name {', '.join(both)}: a model held at "
+                             "its --init-from weights cannot start from its seed")
 
 
 # --------------------------------------------------------------------------- data
@@ -210,6 +220,12 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _grown_input(own: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether `own` is the convolution `saved` with more input channels (`warm_start`)."""
+    return (own.ndim == saved.ndim == 4 and own.shape[0] == saved.shape[0]
+            and own.shape[1] > saved.shape[1] and own.shape[2:] == saved.shape[2:])
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -267,6 +283,9 @@ class Trainer:
         if not set(config.freeze) < set(self.models):
             raise InputError(f"--freeze takes some of {', '.join(self.models)}, not all; got "
                              f"{', '.join(config.freeze)}")
+        if not set(config.fresh) <= set(self.models):
+            raise InputError(f"--fresh takes some of {', '.join(self.models)}; got "
+                             f"{', '.join(config.fresh)}")
         if config.init_from and not config.resume:
             self.warm_start(Path(config.init_from))
         for name in config.freeze:  # no gradient, no dropout
@@ -298,19 +317,27 @@ class Trainer:
 
     @torch.no_grad()
     def warm_start(self, folder: Path) -> None:
-        """Copy an exported model's weights in. A UNet input layer that grew (coordinate channels
-        added) keeps its old filters and starts the new channels at zero, so the warm-started
-        model first computes exactly what the old one did (as SD inpainting models are made)."""
+        """Copy an exported model's weights in, but for the models of `fresh`. A UNet input layer
+        that grew (coordinate channels added) keeps its old filters and starts the new channels
+        at zero, so the warm-started model first computes exactly what the old one did (as SD
+        inpainting models are made); any other change of architecture is refused."""
         from safetensors.torch import load_file
 
         for name, module in self.models.items():
+            if name in self.config.fresh:
+                continue
             file = "model.safetensors" if name == "text_encoder" else \
                 "diffusion_pytorch_model.safetensors"
             weights = load_file(folder / name / file)
+            own = module.state_dict()
+            if (name != "text_encoder" and set(weights) != set(own)) or any(
+                    own[k].shape != v.shape and not _grown_input(own[k], v)
+                    for k, v in weights.items() if k in own):
+                raise InputError(f"--init-from {folder}: its {name} has another architecture "
+                                 f"than this run's; --fresh {name} starts it from its seed")
             if name == "text_encoder":
                 module.load_state_dict(weights, strict=False)
                 continue
-            own = module.state_dict()
             for key, value in weights.items():
                 if own[key].shape != value.shape:  # conv_in: more input channels now
                     grown = torch.zeros_like(own[key])
@@ -463,6 +490,7 @@ class Trainer:
                 "snr_gamma": self.config.snr_gamma,
                 "seed": self.config.seed,
                 "frozen": list(self.config.freeze),
+                "fresh": list(self.config.fresh),
                 "command": self.config.command,
                 "versions": library_versions(),
             },
@@ -513,7 +541,10 @@ class Trainer:
 
         state = json.loads((path / "state.json").read_text())
         if state["model_config"] != self.config.model.to_dict():
-            raise InputError(f"{path} was written for another model configuration")
+            changed = [k for k, v in self.config.model.to_dict().items()
+                       if state["model_config"].get(k) != v]
+            raise InputError(f"{path} was written for another model configuration (its "
+                             f"{', '.join(changed)} differ): resume with the same")
         if state.get("frozen", []) != list(self.config.freeze):
             raise InputError(f"{path} was written with --freeze "
                              f"{','.join(state.get('frozen', [])) or '(none)'}: resume with the "

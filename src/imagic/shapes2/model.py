@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..errors import InputError
 from ..tokenizer import word_level_clip_tokenizer
 from .world import IMAGE_SIZE, POSITIONS, VOCABULARY, Thing, caption
 
@@ -62,6 +63,19 @@ class CascadeConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        """One line for a base the UNet cannot be built with (`--base-channels`)."""
+        widths = self.base_channels
+        if len(widths) != len(self.base_down) or len(widths) != len(self.base_up):
+            raise InputError(f"the base has {len(self.base_down)} resolutions: give "
+                             f"{len(self.base_down)} widths, got {len(widths)}")
+        attends = ["CrossAttn" in block for block in self.base_down]
+        if any(w <= 0 or w % self.norm_num_groups or (attention and w % self.attention_head_dim)
+               for w, attention in zip(widths, attends)):
+            raise InputError(f"each base width must be a positive multiple of its "
+                             f"{self.norm_num_groups} norm groups (and, with attention, of its "
+                             f"{self.attention_head_dim} heads), got {','.join(map(str, widths))}")
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples as lists), so it compares equal to itself after a JSON round trip."""
