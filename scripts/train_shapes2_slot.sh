@@ -7,10 +7,9 @@
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
 # its training budget; FREEZE (e.g. unet,text_encoder) holds those models and trains the rest
 # (--freeze); BASE_CHANNELS (e.g. 48,96,144) widens the base, which then needs FRESH=unet (it
-# starts from its seed beside the shipped stage and text encoder; --fresh). INIT_FROM (default
-# the shipped model) is the exported model the slot starts from. The slot continues from the shipped model in src/imagic/assets/shapes2-128
-# when there is one (a warm start: the weights carry over, the optimizer and its warm-up start
-# again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
+# starts from its seed beside the shipped stage and text encoder; --fresh). The slot continues
+# from INIT_FROM, by default the shipped model in src/imagic/assets/shapes2-128 when there is one
+# (a warm start: the weights carry over, the optimizer and its warm-up start again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
 # $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
 # machine's 16 MiB per returned file), train_log.jsonl,
 # samples.png, eval.json and run.txt. Then: scripts/unpack_shapes2_slot.sh FOLDER SLOT.
