@@ -9,10 +9,11 @@
 # (--freeze); BASE_CHANNELS (e.g. 48,96,144) widens the base, which then needs FRESH=unet (it
 # starts from its seed beside the shipped stage and text encoder; --fresh). The slot continues
 # from INIT_FROM, by default the shipped model in src/imagic/assets/shapes2-128 when there is one
-# (a warm start: the weights carry over, the optimizer and its warm-up start again), trains, scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in
-# $OUT (or ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU
-# machine's 16 MiB per returned file), train_log.jsonl,
-# samples.png, eval.json and run.txt. Then: scripts/unpack_shapes2_slot.sh FOLDER SLOT.
+# (a warm start: the weights carry over, the optimizer and its warm-up start again), trains,
+# scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in $OUT (or
+# ./gpu-out): model.tar.part-aa, -ab, ... (the export, in parts under the GPU machine's 16 MiB
+# per returned file), train_log.jsonl, samples.png, eval.json and run.txt. Then:
+# scripts/unpack_shapes2_slot.sh FOLDER SLOT.
 # On the GPU machine it needs the diffusers wheel in .whl/ (scripts/gpu_wheels.sh makes it;
 # carry .whl). A dry run: DEVICE=cpu PYTHON=.venv/bin/python EVAL_SAMPLES=4 bash ... 1 0.2
 set -euo pipefail
