@@ -131,6 +131,37 @@ def test_tables_give_what_each_ablation_costs_and_the_stage_bar_with_standard_er
     assert "held-out cases 16–79" not in printed  # ShapesBench's split, not this bench's
 
 
+def test_tables_judge_the_edit_bar_per_kind_and_pooled_with_each_best_setting(tmp_path, capsys):
+    """The edit bar on pose, add and remove edits: Imagic's best η and SDEdit's best strength
+    are picked per row (a kind, or the three pooled), colour and position never count, and the
+    lead carries its paired standard error."""
+    header = ["case", "kind", "method", "param", "seed", "success", "target", "kept", "pebbles",
+              "psnr", "ssim", "status", "text", "margin", "distance", "forget", "identity"]
+    kinds = ["pose", "pose", "add", "add", "remove", "remove", "colour"]
+    success = {  # (method, param) → success per case
+        ("imagic", 0.7): [1, 0, 1, 1, 0, 0, 1],
+        ("imagic", 0.9): [0, 0, 0, 0, 1, 1, 1],
+        ("sdedit", 0.3): [0, 0, 1, 0, 0, 0, 1],
+        ("sdedit", 0.5): [1, 0, 0, 0, 0, 0, 1]}
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for (method, param), verdicts in success.items():
+            for case, (kind, ok) in enumerate(zip(kinds, verdicts)):
+                out.writerow([case, kind, method, param, 0, ok, 1, 1, 0, 30.0, 0.9, "ok", "t",
+                              "", "", "", ok])
+    assert main(["bench", "tables", str(path)]) == 0
+    printed = capsys.readouterr().out
+    # pose: η 0.7 (1 of 2) against strength 0.5 (the same case): no lead
+    assert "| pose | η 0.7: 50% ± 35 | 0.5: 50% ± 35 | +0 ± 0 | no | 2 |" in printed
+    assert "| add | η 0.7: 100% ± 0 | 0.3: 50% ± 35 | +50 ± 50 | yes | 2 |" in printed
+    assert "| remove | η 0.9: 100% ± 0 | 0.3: 0% ± 0 | +100 ± 0 | yes | 2 |" in printed
+    # pooled: η 0.7 (3 of 6) beats η 0.9 (2 of 6); SDEdit 1 of 6 either way; colour left out
+    assert "| pose + add + remove | η 0.7: 50% ± 20 | 0.3: 17% ± 15 | +33 ± 21 | yes | 6 |" \
+        in printed
+
+
 @pytest.mark.parametrize("start", ["inversion", "noise"])
 def test_sdedit_starts_the_super_resolution_stage_where_imagic_does(cascade, tmp_path,
                                                                     monkeypatch, start):

@@ -1,8 +1,9 @@
 """The ShapesBench tables docs/RESULTS.md quotes, from one or more rows.csv: the best setting
 per method and edit kind; Imagic, SDEdit and no-finetune along their parameter; the SDEdit bar
 per kind (all cases, the held-out cases, each seed); and every method's fidelity per seed.
-ShapesBench 2's rows also get what each ablation costs and the fine-tuned super-resolution
-stage against the stage as trained, with standard errors.
+ShapesBench 2's rows also get what each ablation costs, the fine-tuned super-resolution
+stage against the stage as trained, and the edit bar (pose, add and remove edits against
+SDEdit), with standard errors.
 Only (case, seed) pairs that every method in the files finished are counted, so a partial run
 compares like with like. `imagic bench tables ROWS.csv ...`."""
 
@@ -18,6 +19,8 @@ from ..errors import InputError
 from .shapes import eta_table, kinds_of, param_curves, read_rows, summary
 
 HELD_OUT = 16  # cases 0–15 chose the `shapes` preset's learning rates; the rest did not
+NON_RIGID = ("pose", "add", "remove")  # ShapesBench 2's edit bar (issue 19) is on these kinds
+BAR_POINTS = 20  # … where Imagic must lead SDEdit by this many points of success
 
 
 def complete(rows: list[dict]) -> list[dict]:
@@ -134,23 +137,65 @@ def stage_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def settings(rows: list[dict]) -> dict[str, dict[float, dict[tuple, dict]]]:
+    """method → parameter → {(case, seed): row}; an auto method's η differs per case, so all
+    its rows are one setting (parameter nan)."""
+    curves = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        auto = r["method"].startswith("imagic-auto")
+        curves[r["method"]][math.nan if auto else r["param"]][(r["case"], r["seed"])] = r
+    return curves
+
+
+def best_setting(curve: dict[float, dict[tuple, dict]]) -> float:
+    """The parameter with the highest success over its outputs, ties to the higher PSNR."""
+    def score(param):
+        group = curve[param].values()
+        return np.mean([r["success"] for r in group]), np.mean([r["psnr"] for r in group])
+    return max(curve, key=score)
+
+
+def edit_bar_table(rows: list[dict]) -> list[str]:
+    """ShapesBench 2's edit bar: on pose, add and remove edits, each kind and the three pooled,
+    Imagic at its best η against SDEdit at its best strength (each picked on those outputs),
+    the lead in points ± its paired standard error, and whether it reaches the bar."""
+    lines = [f"The edit bar: on {', '.join(NON_RIGID)} edits, Imagic at its best η against "
+             "SDEdit at its best strength, each picked on the outputs of the row: success ± its "
+             "binomial standard error, and Imagic's lead in points ± its paired standard error "
+             f"(the bar: {BAR_POINTS} points).", "",
+             "| edits | Imagic, best η | SDEdit, best strength | lead | lead ≥ "
+             f"{BAR_POINTS} points | outputs |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, kinds in [*((kind, (kind,)) for kind in NON_RIGID),
+                         (" + ".join(NON_RIGID), NON_RIGID)]:
+        curves = settings([r for r in rows if r["kind"] in kinds])
+        if not curves["imagic"] or not curves["sdedit"]:
+            continue
+        eta, strength = best_setting(curves["imagic"]), best_setting(curves["sdedit"])
+        a, b = curves["imagic"][eta], curves["sdedit"][strength]
+        keys = sorted(a.keys() & b.keys())
+        ours, theirs = [a[k]["success"] for k in keys], [b[k]["success"] for k in keys]
+        lead, error = paired_difference(ours, theirs)
+        cells = [f"{param:g}: {percent(np.mean(s))}% ± {percent(binomial_error(s))}"
+                 for param, s in ((eta, ours), (strength, theirs))]
+        lines.append(f"| {label} | η {cells[0]} | {cells[1]} | {percent(lead, True)} ± "
+                     f"{percent(error)} | {'yes' if 100 * lead >= BAR_POINTS else 'no'} | "
+                     f"{len(keys)} |")
+    return lines
+
+
+def binomial_error(successes: list[float]) -> float:
+    p = float(np.mean(successes))
+    return math.sqrt(p * (1 - p) / len(successes))
+
+
 def ablation_table(rows: list[dict]) -> list[str]:
     """Every method at its own best parameter over all kinds against Imagic at its best η:
     what each ablation and baseline costs, with standard errors."""
-    curves = defaultdict(lambda: defaultdict(list))  # method → param → rows
-    for r in rows:  # an auto method's η differs per case: all its rows are one setting
-        auto = r["method"].startswith("imagic-auto")
-        curves[r["method"]][math.nan if auto else r["param"]].append(r)
+    curves = settings(rows)
     if "imagic" not in curves:
         return []
-
-    def best_param(method):
-        def score(param):
-            group = curves[method][param]
-            return np.mean([r["success"] for r in group]), np.mean([r["psnr"] for r in group])
-        return max(curves[method], key=score)
-
-    reference = {(r["case"], r["seed"]): r for r in curves["imagic"][best_param("imagic")]}
+    reference = curves["imagic"][best_setting(curves["imagic"])]
     lines = ["Each method at its own best parameter over all kinds (success; ties to PSNR), "
              "against Imagic at its best η on the same (case, seed) pairs: success ± its "
              "binomial standard error, and the difference in points ± its paired standard "
@@ -161,11 +206,11 @@ def ablation_table(rows: list[dict]) -> list[str]:
              "background PSNR (dB) | success − Imagic's | outputs |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in curves:
-        param = best_param(method)
-        mine = {(r["case"], r["seed"]): r for r in curves[method][param]}
+        param = best_setting(curves[method])
+        mine = curves[method][param]
         keys = sorted(mine.keys() & reference.keys())
         success = np.mean([mine[k]["success"] for k in keys])
-        error = np.sqrt(success * (1 - success) / len(keys))
+        error = binomial_error([mine[k]["success"] for k in keys])
         diff, diff_error = paired_difference([mine[k]["success"] for k in keys],
                                              [reference[k]["success"] for k in keys])
         lead = "–" if method == "imagic" else f"{percent(diff, True)} ± {percent(diff_error)}"
@@ -199,7 +244,7 @@ def tables(paths: list[Path], seeds: set[int] | None = None) -> str:
            eta_table(rows, "sdedit"), "", eta_table(rows, "no-finetune"), "",
            *sdedit_bar(rows, "all cases and seeds"), ""]
     if "identity" in rows[0]:  # ShapesBench 2: its cases are all held out or all tuning
-        costs = [*ablation_table(rows), "", *stage_table(rows)]
+        costs = [*ablation_table(rows), "", *stage_table(rows), "", *edit_bar_table(rows)]
         out += [*(costs if costs[0] else ["(No `imagic` rows, so no ablation or stage table: "
                                           "a run at several guidance scales names them "
                                           "imagic-gG.)"]), ""]
