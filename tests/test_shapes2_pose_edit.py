@@ -1,6 +1,6 @@
 """The edit Imagic exists for, on the shipped ShapesWorld 2 cascade: a cat made to sit, through
 both stages (the base and the super-resolution stage fine-tuned on the input), keeps being the
-same cat. Held-out ShapesBench 2 case 22 at the preset's steps and training seed 0; with every
+same cat. Held-out ShapesBench 2 case 22 at the preset's steps and training seed 0; with any one
 step count halved the cat loses its identity (docs/models/shapes2.md, "Where identity is
 lost"), so the preset is the shortest recipe this test can hold."""
 

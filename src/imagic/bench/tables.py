@@ -148,11 +148,15 @@ def settings(rows: list[dict]) -> dict[str, dict[float, dict[tuple, dict]]]:
 
 
 def best_setting(curve: dict[float, dict[tuple, dict]]) -> float:
-    """The parameter with the highest success over its outputs, ties to the higher PSNR."""
-    def score(param):
-        group = curve[param].values()
-        return np.mean([r["success"] for r in group]), np.mean([r["psnr"] for r in group])
-    return max(curve, key=score)
+    """The parameter with the highest success over its outputs, ties to the higher PSNR (`best`)."""
+    return best({param: (np.mean([r["success"] for r in group.values()]),
+                         np.mean([r["psnr"] for r in group.values()]))
+                 for param, group in curve.items()})[0]
+
+
+def binomial_error(successes: list[float]) -> float:
+    p = float(np.mean(successes))
+    return math.sqrt(p * (1 - p) / len(successes))
 
 
 def edit_bar_table(rows: list[dict]) -> list[str]:
@@ -182,11 +186,6 @@ def edit_bar_table(rows: list[dict]) -> list[str]:
                      f"{percent(error)} | {'yes' if 100 * lead >= BAR_POINTS else 'no'} | "
                      f"{len(keys)} |")
     return lines
-
-
-def binomial_error(successes: list[float]) -> float:
-    p = float(np.mean(successes))
-    return math.sqrt(p * (1 - p) / len(successes))
 
 
 def ablation_table(rows: list[dict]) -> list[str]:

@@ -105,13 +105,13 @@ def cmd_train_shapes(args) -> int:
     from ..shapes import train as training
     from ..shapes2.model import CascadeConfig
 
-    world2 = args.world == 2
-    model = training.ModelConfig()
-    if world2:
-        model = CascadeConfig(**({"base_channels": args.base_channels}
-                                 if args.base_channels else {}))
+    if args.world == 2:
+        model = (CascadeConfig(base_channels=args.base_channels) if args.base_channels
+                 else CascadeConfig())
     elif args.base_channels:
         raise InputError("--base-channels sets the ShapesWorld 2 base: give --world 2")
+    else:
+        model = training.ModelConfig()
     config = training.TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         device=args.device, workers=args.workers, max_minutes=args.max_minutes,
