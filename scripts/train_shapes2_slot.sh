@@ -7,7 +7,8 @@
 # SLOT (1, 2, ..., one count whatever the device) seeds the slot's data; MINUTES (default 7) is
 # its training budget; FREEZE (e.g. unet,text_encoder) holds those models and trains the rest
 # (--freeze); BASE_CHANNELS (e.g. 48,96,144) widens the base, which then needs FRESH=unet (it
-# starts from its seed beside the shipped stage and text encoder; --fresh). The slot continues
+# starts from its seed beside the shipped stage and text encoder; --fresh); LR sets AdamW's rate
+# (--lr; default 1e-3 × √(batch / 256)). The slot continues
 # from INIT_FROM, by default the shipped model in src/imagic/assets/shapes2-128 when there is one
 # (a warm start: the weights carry over, the optimizer and its warm-up start again), trains,
 # scores text-to-image on EVAL_SAMPLES (default 200) captions, and leaves in $OUT (or
@@ -26,6 +27,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 FREEZE=${FREEZE:-}
 FRESH=${FRESH:-}
 BASE_CHANNELS=${BASE_CHANNELS:-}
+LR=${LR:-}
 mkdir -p "$OUT"
 if [ -f ../shared/gpu/device_env.sh ]; then
   source ../shared/gpu/device_env.sh
@@ -44,6 +46,7 @@ fi
 [ -n "$FREEZE" ] && INIT+=(--freeze "$FREEZE")
 [ -n "$FRESH" ] && INIT+=(--fresh "$FRESH")
 [ -n "$BASE_CHANNELS" ] && INIT+=(--base-channels "$BASE_CHANNELS")
+[ -n "$LR" ] && INIT+=(--lr "$LR")
 {
   if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
   "$PYTHON" -m imagic.cli train-shapes --world 2 --out "$RUN" --device "$DEVICE" --seed "$SLOT" \
