@@ -126,6 +126,30 @@ def test_export_describes_the_stage_and_loads_as_a_cascade(run, backend):
     assert backend.info()["stages"][SR_STAGE]["resolution"] == 128
 
 
+def test_loading_warns_of_no_float32_modules_where_the_model_has_none(run):
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    collect, level = Collect(), modeling.level
+    modeling.addHandler(collect)
+    modeling.setLevel(logging.WARNING)  # the Python API's default (the CLI quiets it)
+    try:
+        load_backend(str(run / "model"), device="cpu")
+        modeling.warning("There are modules in X that should be kept in float32: ['norm']")
+    finally:
+        modeling.removeHandler(collect)
+        modeling.setLevel(level)
+    assert collect.lines == ["There are modules in X that should be kept in float32: ['norm']"]
+
+
 def test_cascade_samples_128_px_the_same_for_the_same_seed_in_any_batch(backend):
     texts = backend.encode_text([TEXT, "a small blue square on the right"])
     uncond = backend.encode_text([""])

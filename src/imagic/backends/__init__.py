@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from pathlib import Path
 
@@ -11,6 +12,17 @@ from ..errors import InputError, ModelError
 from .base import Backend, Delta, TextCond
 
 __all__ = ["Backend", "Delta", "TextCond", "load_backend", "resolve_device", "resolve_dtype"]
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """diffusers warns on every dtype cast that a model has modules "that should be kept in
+    float32: []", even where that list is empty; drop that line only, keep every real one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
