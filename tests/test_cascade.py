@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 from imagic import EditConfig, EditSession, Imagic, load_backend
 from imagic.backends.base import TextCond
 from imagic.backends.cascade import PixelCascadeBackend, crop, keep_average, resize
+from imagic.bench.shapes2 import select_cases
 from imagic.errors import InputError, ModelError, SessionError
 from imagic.shapes.train import TrainConfig
-from imagic.shapes2 import render, sample_scene
+from imagic.shapes2 import edit_thing, render, sample_scene
 from imagic.shapes2.model import SR_STAGE, CascadeConfig, build_models, longest_caption_tokens
 from imagic.shapes2.train import CascadeTrainer
 
@@ -286,6 +287,39 @@ def test_identity_benchmark_reads_each_object_that_stays_by_its_role(backend, mo
     table = bench.table(rows)
     assert "| 7 | 0.9 | edited | 2 / 2 | 2 / 2 |" in table
     assert "| 3 | 0 | edited | 2 / 2 | 2 / 2 |" in table
+
+
+def test_pose_benchmark_tells_a_colour_drift_from_a_changed_marking(backend, monkeypatch):
+    """benchmarks/shapes2_pose.py: the pose cases are ShapesBench 2's (same indices); an output
+    that reaches the pose exactly succeeds, one whose cat's hue moves loses it by colour, one
+    whose cat's marking changes type loses it by marking, and the table counts each."""
+    bench = benchmark("shapes2_pose")
+    assert bench.pose_cases(2) == select_cases(8)[2::5]  # cases 2 and 7
+    case = bench.pose_cases(1)[0]
+    cat = next(t for t in case.target.things if t not in case.source.things)
+    other = "spots" if cat.marking == "stripes" else "stripes"
+    outputs = {0.0: case.source, 0.7: case.target,
+               0.8: edit_thing(case.target, cat.position, hue_jitter=cat.hue_jitter + 6),
+               0.9: edit_thing(case.target, cat.position, marking=other)}
+
+    def drawn(self, session, etas=None, **stage3):
+        return [SimpleNamespace(image=Image.fromarray(render(outputs[eta])), eta=eta)
+                for eta in etas]
+
+    monkeypatch.setattr(bench.Imagic, "generate", drawn)
+    rows = bench.measure(backend, 1, [0.01, 0.02], list(outputs), config=RECIPE)
+    assert [(r["embed_lr"], r["eta"]) for r in rows] == [
+        (lr, eta) for lr in (0.01, 0.02) for eta in outputs]
+    verdicts = {r["eta"]: (r["target"], r["identity"], r["success"], r["lost"])
+                for r in rows if r["embed_lr"] == 0.01}
+    assert verdicts == {0.0: (False, True, False, []), 0.7: (True, True, True, []),
+                        0.8: (True, False, False, ["colour"]),
+                        0.9: (True, False, False, ["marking"])}
+    assert all(r["e_opt_moved"] > 0 for r in rows)
+    lines = bench.table(rows).splitlines()
+    assert len(lines) == 2 + 2 * len(outputs) and lines[2].startswith("| 0.02 |")
+    assert lines[-2].endswith("| 0.8 | 1 / 1 | 0 / 1 | 0 / 1 | 1 / 0 |")
+    assert lines[-1].endswith("| 0.9 | 1 / 1 | 0 / 1 | 0 / 1 | 0 / 1 |")
 
 
 def test_keep_average_moves_each_block_evenly_to_the_given_average():
