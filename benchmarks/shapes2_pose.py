@@ -31,7 +31,12 @@ from imagic.bench.shapes2 import KINDS, load_cascade, make_case  # noqa: E402
 from imagic.editor import Imagic  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import get_preset  # noqa: E402
-from imagic.shapes2.detect import detect, identity_of, same_identity  # noqa: E402
+from imagic.shapes2.detect import (  # noqa: E402
+    IDENTITY_THRESHOLD,
+    detect,
+    identity_of,
+    identity_parts,
+)
 from imagic.shapes2.evaluate import check_edit, unnamed_details  # noqa: E402
 
 POSE = KINDS.index("pose")
@@ -43,22 +48,29 @@ def pose_cases(count: int) -> list:
     return [make_case(POSE + len(KINDS) * i, "pose", 0) for i in range(count)]
 
 
-def lost(image, case) -> list[str]:
-    """Per object of the input that stays but is not the same object: "marking" when its
-    marking changed type or count (or the object is not found), else "colour"."""
+def readings(image, case) -> list[dict | None]:
+    """Per object of the input that stays: the two parts of how far its unnamed details moved
+    (`identity_parts`: colour and marking; the same object while they add up to less than 1),
+    or None where the output has no object in its place."""
     found = detect(np.asarray(image.convert("RGB")))
     inputs = {unnamed_details(t): t for t in case.source.things}
-    why = []
+    out = []
     for thing in case.target.things:
         before = identity_of(case.source, inputs[unnamed_details(thing)].position)
         after = found.at(thing.position)
         if after is None:
-            why.append("marking")
-        elif not same_identity(after, before):
-            same_marks = (after.identity.marking, after.identity.marks) == (before.marking,
-                                                                            before.marks)
-            why.append("colour" if same_marks else "marking")
-    return why
+            out.append(None)
+            continue
+        colour, marking = identity_parts(before, after)
+        out.append({"colour": colour, "marking": marking})
+    return out
+
+
+def lost(objects: list[dict | None]) -> list[str]:
+    """Per object that is not the same object (`readings`): "marking" when its marking changed
+    type or count (or the object is not found), else "colour"."""
+    return ["marking" if o is None or o["marking"] else "colour"
+            for o in objects if o is None or o["colour"] + o["marking"] >= IDENTITY_THRESHOLD]
 
 
 def measure(backend, cases: int, embed_lrs: list[float], etas: list[float],
@@ -75,11 +87,12 @@ def measure(backend, cases: int, embed_lrs: list[float], etas: list[float],
             moved = (session.e_opt.hidden_states - session.e_tgt.hidden_states).norm(dim=-1)
             for result in editor.generate(session, etas=etas):
                 verdict = check_edit(result.image, case.source, case.target)
+                objects = readings(result.image, case)
                 rows.append({"case": case.index, "embed_lr": lr, "eta": result.eta,
                              "e_opt_moved": round(float(moved.mean()), 3),
                              **{k: bool(verdict[k]) for k in ("target", "kept", "identity",
                                                                 "success")},
-                             "lost": lost(result.image, case)})
+                             "objects": objects, "lost": lost(objects)})
         print(f"case {case.index} done", file=sys.stderr, flush=True)
     return rows
 

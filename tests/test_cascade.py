@@ -316,6 +316,11 @@ def test_pose_benchmark_tells_a_colour_drift_from_a_changed_marking(backend, mon
                         0.8: (True, False, False, ["colour"]),
                         0.9: (True, False, False, ["marking"])}
     assert all(r["e_opt_moved"] > 0 for r in rows)
+    cat_at = [t.position for t in case.target.things].index(cat.position)
+    hue_moved, type_changed = (next(r["objects"][cat_at] for r in rows if r["eta"] == eta)
+                               for eta in (0.8, 0.9))
+    assert hue_moved["colour"] > 2 and hue_moved["marking"] == 0  # 6° over the 2° tolerance
+    assert type_changed["marking"] >= 1
     lines = bench.table(rows).splitlines()
     assert len(lines) == 2 + 2 * len(outputs) and lines[2].startswith("| 0.02 |")
     assert lines[-2].endswith("| 0.8 | 1 / 1 | 0 / 1 | 0 / 1 | 1 / 0 |")

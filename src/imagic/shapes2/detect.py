@@ -386,19 +386,24 @@ def detect(image: np.ndarray) -> SceneDetection:
 # --------------------------------------------------------------------------- scoring
 
 
-def identity_distance(a: Identity | ThingDetection, b: Identity | ThingDetection) -> float:
-    """How different two objects' unnamed details are; below IDENTITY_THRESHOLD: the same.
-
-    Root sum of squares of the colour and shade differences over their tolerances, plus one
-    for a different marking type and one per stripe or spot more or fewer.
-    """
+def identity_parts(a: Identity | ThingDetection,
+                   b: Identity | ThingDetection) -> tuple[float, float]:
+    """The two parts of `identity_distance`: the root sum of squares of the colour and shade
+    differences over their tolerances, and one for a different marking type plus one per
+    stripe or spot more or fewer."""
     a = a.identity if isinstance(a, ThingDetection) else a
     b = b.identity if isinstance(b, ThingDetection) else b
     total = sum(
         ((getattr(a, name) - getattr(b, name)) / tol) ** 2
         for name, tol in IDENTITY_TOLERANCES.items()
     )
-    return math.sqrt(total) + float(a.marking != b.marking) + abs(a.marks - b.marks)
+    return math.sqrt(total), float(a.marking != b.marking) + abs(a.marks - b.marks)
+
+
+def identity_distance(a: Identity | ThingDetection, b: Identity | ThingDetection) -> float:
+    """How different two objects' unnamed details are; below IDENTITY_THRESHOLD: the same
+    (the sum of `identity_parts`)."""
+    return sum(identity_parts(a, b))
 
 
 def same_identity(a: Identity | ThingDetection, b: Identity | ThingDetection) -> bool:
