@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from imagic.bench import run_script, write_report  # noqa: E402
-from imagic.bench.shapes2 import KINDS, load_cascade, make_case  # noqa: E402
+from imagic.bench.shapes2 import KINDS, load_cascade, select_cases  # noqa: E402
 from imagic.editor import Imagic  # noqa: E402
 from imagic.errors import InputError  # noqa: E402
 from imagic.presets import get_preset  # noqa: E402
@@ -39,13 +39,11 @@ from imagic.shapes2.detect import (  # noqa: E402
 )
 from imagic.shapes2.evaluate import check_edit, unnamed_details  # noqa: E402
 
-POSE = KINDS.index("pose")
-
 
 def pose_cases(count: int) -> list:
     """The first `count` pose cases of the tuning set: the cases `imagic bench shapes` runs under
     the same indices."""
-    return [make_case(POSE + len(KINDS) * i, "pose", 0) for i in range(count)]
+    return [case for case in select_cases(len(KINDS) * count) if case.kind == "pose"]
 
 
 def readings(image, case) -> list[dict | None]:
@@ -105,7 +103,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for lr in sorted({r["embed_lr"] for r in rows}, reverse=True):
         mine = [r for r in rows if r["embed_lr"] == lr]
-        moved = np.mean(sorted({(r["case"], r["e_opt_moved"]) for r in mine}), axis=0)[1]
+        moved = np.mean([m for _, m in {(r["case"], r["e_opt_moved"]) for r in mine}])
         for eta in sorted({r["eta"] for r in mine}):
             at = [r for r in mine if r["eta"] == eta]
             n = len(at)
